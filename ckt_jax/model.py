@@ -1,0 +1,412 @@
+"""Llama-architecture decoder in Flax linen, with optional LoRA adapters and a KV cache.
+
+Parameter layout (loaders, LoRA splitting and checkpoints depend on it)::
+
+    embed/embedding                      [V, D]
+    layers/input_norm/scale              [N, D]
+    layers/attn/{q,k,v}/kernel           [N, D, H*hd] (k, v: [N, D, KV*hd])
+    layers/attn/o/kernel                 [N, H*hd, D]
+    layers/post_attn_norm/scale          [N, D]
+    layers/mlp/{gate,up}/kernel          [N, D, I]
+    layers/mlp/down/kernel               [N, I, D]
+    final_norm/scale                     [D]
+    lm_head/kernel                       [D, V]   (only when embeddings are untied)
+
+Kernels are stored (in, out), the transpose of a PyTorch ``weight``. With LoRA enabled, each
+targeted projection also contains ``lora_a`` [N, in, r] and ``lora_b`` [N, r, out].
+
+Shape suffixes: B batch, L query length, S cache length, D hidden, V vocab, H query heads,
+K key/value heads, G query heads per key/value head, E head_dim, I intermediate, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+# Added to masked attention scores instead of -inf, so that a query row whose keys are all
+# masked (a left-padding position) gets a uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}; grouped-query attention needs "
+                "num_heads = num_kv_heads * group size")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"LlamaConfig.head_dim={self.head_dim} is odd; rotary embeddings rotate pairs "
+                "of channels, so use an even head_dim")
+        if not self.rope_theta > 0:
+            raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapter settings: each target computes ``x @ W + (alpha / rank) * (x @ A) @ B``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        if isinstance(self.targets, str):
+            raise ValueError(
+                f"LoraConfig.targets must be a tuple of names, got the string {self.targets!r}; "
+                f"write targets=({self.targets!r},)")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError(f"LoraConfig.targets is empty; choose from {LORA_TARGETS}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"LoraConfig.targets has unknown names {unknown}; "
+                             f"choose from {LORA_TARGETS}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoraConfig.targets has duplicates: {self.targets}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LlamaOutput(NamedTuple):
+    logits_BxLxV: jax.Array  # float32 for any compute dtype
+    hidden_BxLxD: jax.Array  # after the final RMSNorm, i.e. the input of the LM head
+    cache: Any  # updated KV cache, or None when called without one
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Create an empty KV cache for ``max_len`` token slots per row.
+
+    Keys: ``k``/``v`` [N, B, S, K, E] in ``dtype``; ``mask`` [B, S] bool, True where a slot
+    contains a real (non-padding) token; ``index`` int32 scalar, the next slot to write (shared by
+    all rows, which is why prompts are left-padded).
+    """
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch_size, max_len), jnp.bool_),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _rms_norm(x, scale, eps, dtype):
+    """RMSNorm computed in float32, whatever the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(variance + eps) * scale.astype(jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return _rms_norm(x, scale, self.eps, self.dtype)
+
+
+def _lora_a_init(key, shape, dtype):
+    # Uniform(-1/sqrt(in), 1/sqrt(in)): the bound that PEFT's default kaiming_uniform(a=sqrt(5))
+    # gives. B starts at zero, so a fresh adapter leaves the model's output unchanged.
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Projection(nn.Module):
+    """Bias-free dense layer ``x @ kernel`` with an optional LoRA update."""
+
+    features: int
+    lora: LoraConfig | None
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.normal(0.02),
+                            (in_features, self.features), self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.lora is not None:
+            lora_a = self.param("lora_a", _lora_a_init, (in_features, self.lora.rank),
+                                self.param_dtype)
+            lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features),
+                                self.param_dtype)
+            update = jnp.dot(jnp.dot(x, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            y = y + (self.lora.scale * update).astype(self.dtype)
+        return y
+
+
+def _rotate_half(x):
+    first, second = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-second, first], axis=-1)
+
+
+def rope_cos_sin(positions_BxL, head_dim: int, theta: float):
+    """Rotary cos/sin tables [B, L, E] (rotate-half layout, as in Hugging Face Llama)."""
+    inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BxLxE2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_E2
+    angles_BxLxE = jnp.concatenate([angles_BxLxE2, angles_BxLxE2], axis=-1)
+    return jnp.cos(angles_BxLxE), jnp.sin(angles_BxLxE)
+
+
+def _apply_rope(x_BxLxHxE, cos_BxLxE, sin_BxLxE):
+    x32 = x_BxLxHxE.astype(jnp.float32)
+    cos = cos_BxLxE[:, :, None, :]
+    sin = sin_BxLxE[:, :, None, :]
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x_BxLxHxE.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+    lora: LoraConfig | None
+    dtype: Any
+    param_dtype: Any
+
+    def _projection(self, name, features):
+        lora = self.lora if self.lora is not None and name in self.lora.targets else None
+        return Projection(features, lora, self.dtype, self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x_BxLxD, allowed_BxLxS, cos_BxLxE, sin_BxLxE, layer_cache, cache_index):
+        cfg = self.config
+        B, L, _ = x_BxLxD.shape
+        H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        G = H // K
+
+        q_BxLxHxE = self._projection("q", H * E)(x_BxLxD).reshape(B, L, H, E)
+        k_BxLxKxE = self._projection("k", K * E)(x_BxLxD).reshape(B, L, K, E)
+        v_BxLxKxE = self._projection("v", K * E)(x_BxLxD).reshape(B, L, K, E)
+        q_BxLxHxE = _apply_rope(q_BxLxHxE, cos_BxLxE, sin_BxLxE)
+        k_BxLxKxE = _apply_rope(k_BxLxKxE, cos_BxLxE, sin_BxLxE)
+
+        if layer_cache is None:
+            keys_BxSxKxE, values_BxSxKxE = k_BxLxKxE, v_BxLxKxE
+            new_kv = None
+        else:
+            # Attend over a local copy of the cache with the new keys written in. Only the new
+            # entries are returned, and the caller writes them into the stacked cache once,
+            # after the layer scan. This keeps decode steps from copying the whole cache.
+            cached_k_BxSxKxE, cached_v_BxSxKxE = layer_cache
+            start = (0, cache_index, 0, 0)
+            keys_BxSxKxE = jax.lax.dynamic_update_slice(
+                cached_k_BxSxKxE, k_BxLxKxE.astype(cached_k_BxSxKxE.dtype), start)
+            values_BxSxKxE = jax.lax.dynamic_update_slice(
+                cached_v_BxSxKxE, v_BxLxKxE.astype(cached_v_BxSxKxE.dtype), start)
+            new_kv = (k_BxLxKxE.astype(cached_k_BxSxKxE.dtype),
+                      v_BxLxKxE.astype(cached_v_BxSxKxE.dtype))
+
+        # Grouped-query attention: query head h uses key/value head h // G.
+        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
+        scores_BxKxGxLxS = jnp.einsum(
+            "blkge,bske->bkgls", q_BxLxKxGxE, keys_BxSxKxE.astype(self.dtype),
+            preferred_element_type=jnp.float32) / math.sqrt(E)
+        scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None, :, :], scores_BxKxGxLxS,
+                                     _MASK_VALUE)
+        probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(self.dtype)
+        out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS,
+                                   values_BxSxKxE.astype(self.dtype))
+        out_BxLxD = self._projection("o", cfg.hidden_size)(out_BxLxKxGxE.reshape(B, L, H * E))
+        return out_BxLxD, new_kv
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+    lora: LoraConfig | None
+    dtype: Any
+    param_dtype: Any
+
+    def _projection(self, name, features):
+        lora = self.lora if self.lora is not None and name in self.lora.targets else None
+        return Projection(features, lora, self.dtype, self.param_dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.config
+        gate_BxLxI = self._projection("gate", cfg.intermediate_size)(x_BxLxD)
+        up_BxLxI = self._projection("up", cfg.intermediate_size)(x_BxLxD)
+        return self._projection("down", cfg.hidden_size)(nn.silu(gate_BxLxI) * up_BxLxI)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder block, written as an ``nn.scan`` body: (carry, xs) -> (carry, ys)."""
+
+    config: LlamaConfig
+    lora: LoraConfig | None
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD, layer_cache, allowed_BxLxS, cos_BxLxE, sin_BxLxE,
+                 cache_index):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+        attn_out_BxLxD, new_kv = Attention(cfg, self.lora, self.dtype, self.param_dtype,
+                                           name="attn")(
+            norm("input_norm")(hidden_BxLxD), allowed_BxLxS, cos_BxLxE, sin_BxLxE,
+            layer_cache, cache_index)
+        hidden_BxLxD = hidden_BxLxD + attn_out_BxLxD
+        mlp_out_BxLxD = MLP(cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
+            norm("post_attn_norm")(hidden_BxLxD))
+        hidden_BxLxD = hidden_BxLxD + mlp_out_BxLxD
+        return hidden_BxLxD, new_kv
+
+
+def _layer_stack(config: LlamaConfig, remat: bool):
+    layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if remat else DecoderLayer
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        # The carry is the hidden state and layer_cache is scanned over its leading layer axis.
+        # The mask, rotary tables and cache index are shared by all layers.
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=config.num_layers,
+    )
+
+
+class Llama(nn.Module):
+    config: LlamaConfig
+    lora: LoraConfig | None = None
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+    remat: bool = False  # rematerialize each layer in the backward pass (jax.checkpoint)
+
+    def setup(self):
+        cfg = self.config
+        self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size,
+                                 embedding_init=nn.initializers.normal(0.02),
+                                 dtype=self.dtype, param_dtype=self.param_dtype, name="embed")
+        self.layer_stack = _layer_stack(cfg, self.remat)(
+            cfg, self.lora, self.dtype, self.param_dtype, name="layers")
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype,
+                                  name="final_norm")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Projection(cfg.vocab_size, None, self.dtype, self.param_dtype,
+                                      name="lm_head")
+
+    def embed(self, input_ids_BxL):
+        """Look up token embeddings [B, L, D] in the compute dtype."""
+        return self.embedder(input_ids_BxL)
+
+    def __call__(self, input_ids_BxL=None, *, inputs_embeds_BxLxD=None, attention_mask_BxL=None,
+                 positions_BxL=None, cache=None) -> LlamaOutput:
+        """Run the decoder.
+
+        Pass exactly one of ``input_ids_BxL`` or ``inputs_embeds_BxLxD``. ``attention_mask_BxL``
+        is 1 for real tokens and 0 for padding (left or right); it defaults to all ones.
+        Positions default to the number of real tokens before each one, counting tokens already
+        in ``cache``, so left padding does not shift them. With ``cache`` (from ``init_cache``),
+        the L new tokens go to slots ``index .. index + L - 1``, and the returned cache has
+        ``index`` advanced by L.
+        """
+        if (input_ids_BxL is None) == (inputs_embeds_BxLxD is None):
+            raise ValueError("Llama: pass exactly one of input_ids_BxL or inputs_embeds_BxLxD "
+                             f"(got input_ids={'set' if input_ids_BxL is not None else 'None'}, "
+                             f"inputs_embeds={'set' if inputs_embeds_BxLxD is not None else 'None'})")
+        if input_ids_BxL is not None:
+            if input_ids_BxL.ndim != 2:
+                raise ValueError(f"input_ids_BxL must be 2-D [batch, length], got shape "
+                                 f"{input_ids_BxL.shape}")
+            hidden_BxLxD = self.embed(input_ids_BxL)
+        else:
+            expected = self.config.hidden_size
+            if inputs_embeds_BxLxD.ndim != 3 or inputs_embeds_BxLxD.shape[-1] != expected:
+                raise ValueError(f"inputs_embeds_BxLxD must have shape [batch, length, {expected}], "
+                                 f"got {inputs_embeds_BxLxD.shape}")
+            hidden_BxLxD = inputs_embeds_BxLxD.astype(self.dtype)
+        B, L, _ = hidden_BxLxD.shape
+
+        if attention_mask_BxL is None:
+            mask_BxL = jnp.ones((B, L), jnp.bool_)
+        else:
+            if attention_mask_BxL.shape != (B, L):
+                raise ValueError(f"attention_mask_BxL has shape {attention_mask_BxL.shape}, "
+                                 f"expected {(B, L)} to match the inputs")
+            mask_BxL = attention_mask_BxL.astype(jnp.bool_)
+
+        if cache is None:
+            cache_index = jnp.zeros((), jnp.int32)
+            key_mask_BxS = mask_BxL
+            query_slots_L = jnp.arange(L)
+            layer_cache = None
+        else:
+            cache_index = cache["index"]
+            # NOTE: dynamic_update_slice clamps its start index, so writing past max_len
+            # silently overwrites the last slots. Size the cache for prompt + new tokens.
+            key_mask_BxS = jax.lax.dynamic_update_slice(cache["mask"], mask_BxL, (0, cache_index))
+            query_slots_L = cache_index + jnp.arange(L)
+            layer_cache = (cache["k"], cache["v"])
+        S = key_mask_BxS.shape[1]
+
+        if positions_BxL is None:
+            # Position = number of real tokens before this one in the row.
+            counts_BxS = jnp.cumsum(key_mask_BxS.astype(jnp.int32), axis=1) - 1
+            positions_BxL = jnp.maximum(jnp.take(counts_BxS, query_slots_L, axis=1), 0)
+        cos_BxLxE, sin_BxLxE = rope_cos_sin(positions_BxL, self.config.head_dim,
+                                            self.config.rope_theta)
+
+        causal_LxS = jnp.arange(S)[None, :] <= query_slots_L[:, None]
+        allowed_BxLxS = causal_LxS[None, :, :] & key_mask_BxS[:, None, :]
+
+        hidden_BxLxD, new_kv = self.layer_stack(hidden_BxLxD, layer_cache, allowed_BxLxS,
+                                                cos_BxLxE, sin_BxLxE, cache_index)
+        hidden_BxLxD = self.final_norm(hidden_BxLxD)
+
+        if self.config.tie_word_embeddings:
+            embedding_VxD = self.embedder.embedding.astype(self.dtype)
+            logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, embedding_VxD,
+                                      preferred_element_type=jnp.float32)
+        else:
+            logits_BxLxV = self.lm_head(hidden_BxLxD)
+        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+
+        new_cache = None
+        if cache is not None:
+            new_k_NxBxLxKxE, new_v_NxBxLxKxE = new_kv
+            start = (0, 0, cache_index, 0, 0)
+            new_cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], new_k_NxBxLxKxE, start),
+                "v": jax.lax.dynamic_update_slice(cache["v"], new_v_NxBxLxKxE, start),
+                "mask": key_mask_BxS,
+                "index": cache_index + L,
+            }
+        return LlamaOutput(logits_BxLxV, hidden_BxLxD, new_cache)
