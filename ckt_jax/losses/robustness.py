@@ -1,0 +1,41 @@
+"""Input-embedding perturbations and the consistency loss between clean and perturbed outputs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ckt_jax.losses.divergences import symmetric_kl
+
+
+def length_scaled_noise(key: jax.Array, embeds_BxLxD: jax.Array, mask_BxL: jax.Array,
+                        alpha: float, distribution: str = "gaussian") -> jax.Array:
+    """Sample embedding noise whose magnitude is `alpha / sqrt(L_b * D)` for sequence `b`.
+
+    `L_b` is the number of real tokens of sequence `b` (its own length, not the padded length), as in
+    NEFTune (Jain et al., 2023), so a short prompt in a long padded batch is perturbed as strongly as
+    it would be alone. `distribution="uniform"` draws from `U(-1, 1)` like NEFTune; `"gaussian"` draws
+    from `N(0, 1)`. Padding positions get zero noise. Returns the noise, shaped like `embeds_BxLxD`.
+    """
+    mask = jnp.asarray(mask_BxL, jnp.float32)
+    length_B = jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    dim = embeds_BxLxD.shape[-1]
+    scale_B = alpha / jnp.sqrt(length_B * dim)
+    if distribution == "gaussian":
+        unit = jax.random.normal(key, embeds_BxLxD.shape, jnp.float32)
+    elif distribution == "uniform":
+        unit = jax.random.uniform(key, embeds_BxLxD.shape, jnp.float32, -1.0, 1.0)
+    else:
+        raise ValueError(f"noise distribution {distribution!r} is unknown; use 'gaussian' or 'uniform'")
+    noise = unit * scale_B[:, None, None] * mask[..., None]
+    return noise.astype(embeds_BxLxD.dtype)
+
+
+def consistency_loss(clean_logits: jax.Array, perturbed_logits: jax.Array,
+                     temperature: float = 1.0) -> jax.Array:
+    """Symmetric KL between clean and perturbed output distributions, per position.
+
+    Gradients flow through both passes, so the clean output also moves toward a region where small
+    input changes do not change it (as in R-Drop and SMART).
+    """
+    return symmetric_kl(clean_logits, perturbed_logits, temperature)

@@ -1,0 +1,541 @@
+"""The stages of the main job: data, targets, teacher, distill, eval and report.
+
+Each stage reads what earlier stages left in the work directory, writes its own subdirectory and
+finishes by recording the config values it used (see `ckt_jax.workdir`). `Context` carries what
+several stages share: the config, the work directory, the tokenizer and the base weights, loaded
+once and only when a stage needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from ml_collections import config_dict
+
+from ckt_jax import batching, lora, metrics, workdir
+from ckt_jax.data import builder as data_builder
+from ckt_jax.data import refusals, templates
+from ckt_jax.generate import greedy_generate
+from ckt_jax.loading import find_smollm2_gguf, load_model
+from ckt_jax.model import Llama, LlamaConfig, LoraConfig
+from ckt_jax.objective import ObjectiveConfig, build_objective
+from ckt_jax.refusal_detector import is_refusal, validate_against_human_labels
+from ckt_jax.tokenizer import ChatTokenizer
+from ckt_jax.train import make_train_step, to_device_tree, train_loop
+
+STAGES = ("data", "targets", "teacher", "distill", "eval", "report")
+EVAL_SPLITS = ("eval_harmful", "eval_jailbreak", "eval_benign_sensitive", "eval_jailbreak_benign")
+TRAIN_SPLITS = ("train_harmful", "train_benign")
+TEACHER_DIR_FILE = "teacher_adapters"
+
+
+def resolve_model_spec(spec: str) -> pathlib.Path:
+    """Map the config's model name to a file or directory path."""
+    if spec == "smollm2":
+        return find_smollm2_gguf()
+    path = pathlib.Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {spec!r} not found; pass 'smollm2', a .gguf file or a Hugging Face directory")
+    return path.resolve()
+
+
+@dataclasses.dataclass
+class Context:
+    config: config_dict.ConfigDict
+    root: pathlib.Path
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> pathlib.Path:
+        return self.root / "data"
+
+    @functools.cached_property
+    def model_path(self) -> pathlib.Path:
+        return resolve_model_spec(self.config.model)
+
+    @functools.cached_property
+    def tokenizer(self) -> ChatTokenizer:
+        if self.model_path.is_dir():
+            return ChatTokenizer.from_hf_directory(self.model_path)
+        return ChatTokenizer.from_gguf(self.model_path, cache_dir=self.root / "tokenizer")
+
+    @functools.cached_property
+    def base(self) -> tuple[LlamaConfig, Any]:
+        """Base model config and weights (float32 device arrays), loaded once."""
+        started = time.perf_counter()
+        model_config, params = load_model(self.model_path)
+        params = to_device_tree(params)
+        logging.info("loaded %s in %.1f s", self.model_path, time.perf_counter() - started)
+        return model_config, params
+
+    def split(self, name: str) -> list[dict]:
+        return data_builder.load_split(self.data_dir, name)
+
+    def stage_dir(self, name: str) -> pathlib.Path:
+        return self.root / name
+
+
+def _config_record(config, *fields: str) -> dict:
+    """The config values a stage depends on, as plain JSON-compatible data."""
+    record = {}
+    for field in fields:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        record[field] = value.to_dict() if isinstance(value, config_dict.ConfigDict) else value
+    return record
+
+
+def _targets_record(config) -> dict:
+    return _config_record(config, "model", "seed", "targets.max_new_tokens",
+                          "data.max_benign_prompts")
+
+
+def _teacher_record(config) -> dict:
+    return {**_targets_record(config), **_config_record(config, "teacher", "data",
+                                                        "teacher_train")}
+
+
+def _distill_record(config) -> dict:
+    return {**_teacher_record(config), **_config_record(config, "distill")}
+
+
+# --------------------------------------------------------------------------------------------
+# data: build the splits from the packaged files.
+# --------------------------------------------------------------------------------------------
+
+def run_data(ctx: Context) -> None:
+    counts = data_builder.build_dataset(ctx.data_dir)
+    for name, count in sorted(counts.items()):
+        logging.info("split %-24s %5d prompts", name, count)
+    workdir.write_json(ctx.data_dir / "split_counts.json", counts)
+
+
+# --------------------------------------------------------------------------------------------
+# targets: the base model's own greedy replies to benign training prompts.
+# --------------------------------------------------------------------------------------------
+
+def _benign_prompts(ctx: Context) -> list[dict]:
+    rows = ctx.split("train_benign")
+    limit = ctx.config.data.max_benign_prompts
+    if limit and len(rows) > limit:
+        order = np.random.default_rng(ctx.config.seed).permutation(len(rows))[:limit]
+        rows = [rows[i] for i in sorted(order)]
+    return rows
+
+
+def generate_replies(ctx: Context, model_config: LlamaConfig, model_params, prompts: list[str],
+                     max_new_tokens: int, batch_size: int, what: str) -> list[dict]:
+    """Greedy replies (chat template applied) with a `complete` flag for rows that hit eos."""
+    model = Llama(model_config)
+    tok = ctx.tokenizer
+    prompt_ids = [tok.encode_chat(p)[0] for p in prompts]
+    started = time.perf_counter()
+    done = [0]
+
+    def progress(finished: int) -> None:
+        done[0] = finished
+        elapsed = time.perf_counter() - started
+        logging.info("%s: %d/%d replies, %.1f s elapsed, %.0f s left", what, finished,
+                     len(prompts), elapsed, elapsed / max(finished, 1) * (len(prompts) - finished))
+
+    outputs = greedy_generate(model, model_params, prompt_ids, max_new_tokens=max_new_tokens,
+                              eos_id=tok.eos_id, pad_id=tok.pad_id, batch_size=batch_size,
+                              progress=progress)
+    rows = []
+    for ids in outputs:
+        rows.append({"reply": tok.decode(ids), "complete": len(ids) < max_new_tokens,
+                     "new_tokens": len(ids)})
+    total_tokens = sum(r["new_tokens"] for r in rows)
+    elapsed = time.perf_counter() - started
+    logging.info("%s: %d replies, %d tokens in %.1f s (%.0f tokens/s)", what, len(rows),
+                 total_tokens, elapsed, total_tokens / max(elapsed, 1e-9))
+    return rows
+
+
+def run_targets(ctx: Context) -> None:
+    out_dir = ctx.stage_dir("targets")
+    record = _targets_record(ctx.config)
+    if workdir.stage_done(out_dir, record):
+        logging.info("targets: reusing %s", out_dir)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = _benign_prompts(ctx)
+    model_config, params = ctx.base
+    replies = generate_replies(ctx, model_config, params, [r["prompt"] for r in prompts],
+                               ctx.config.targets.max_new_tokens, ctx.config.targets.batch_size,
+                               "targets")
+    rows = [{"id": p["id"], "prompt": p["prompt"], **r} for p, r in zip(prompts, replies)]
+    workdir.write_jsonl(out_dir / "benign_replies.jsonl", rows)
+    workdir.mark_stage_done(out_dir, record, {"replies": len(rows)})
+
+
+# --------------------------------------------------------------------------------------------
+# Training examples shared by the teacher and the student.
+# --------------------------------------------------------------------------------------------
+
+def training_rows(ctx: Context) -> list[dict]:
+    """Prompt/reply rows: refusals for harmful prompts, base replies for benign ones.
+
+    A seeded share of each class is added a second time wrapped in an in-the-wild jailbreak
+    template, with the same target: the model must learn to judge the request inside the
+    wrapper, not the wrapper itself.
+    """
+    cfg = ctx.config
+    rng = np.random.default_rng(cfg.seed + 1)
+    wrappers = templates.train_templates(max_chars=cfg.data.train_template_max_chars)
+    if not wrappers:
+        raise ValueError(f"no training templates of at most data.train_template_max_chars="
+                         f"{cfg.data.train_template_max_chars} characters; raise it")
+    rows = []
+    for prompt in ctx.split("train_harmful"):
+        reply = refusals.pick_refusal(prompt["id"], cfg.seed)
+        rows.append({"id": prompt["id"], "prompt": prompt["prompt"], "reply": reply,
+                     "label": "harmful", "complete": True})
+    replies_path = ctx.stage_dir("targets") / "benign_replies.jsonl"
+    if not replies_path.exists():
+        raise FileNotFoundError(f"{replies_path} is missing; run the 'targets' stage first")
+    for row in workdir.read_jsonl(replies_path):
+        rows.append({"id": row["id"], "prompt": row["prompt"], "reply": row["reply"],
+                     "label": "benign", "complete": row["complete"]})
+    wrapped = []
+    for row in rows:
+        rate = cfg.data.harmful_wrap_rate if row["label"] == "harmful" else cfg.data.benign_wrap_rate
+        if rng.random() < rate:
+            template = wrappers[int(rng.integers(len(wrappers)))]
+            wrapped.append({**row, "prompt": templates.wrap(template, row["prompt"]),
+                            "id": row["id"] + "/wrapped"})
+    return rows + wrapped
+
+
+def training_examples(ctx: Context) -> list[batching.Example]:
+    rows = training_rows(ctx)
+    examples, dropped = batching.tokenize_examples(ctx.tokenizer, rows, ctx.config.data.max_seq_len)
+    by_label = {label: sum(e.label == label for e in examples) for label in ("harmful", "benign")}
+    logging.info("training examples: %d harmful, %d benign (%d longer than %d tokens dropped)",
+                 by_label["harmful"], by_label["benign"], dropped, ctx.config.data.max_seq_len)
+    return examples
+
+
+def _lora_config(section) -> LoraConfig:
+    targets = tuple(t.strip() for t in str(section.lora_targets).split(",") if t.strip())
+    return LoraConfig(rank=section.lora_rank, alpha=section.lora_alpha, targets=targets)
+
+
+def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
+                   objective: ObjectiveConfig, frozen_params: dict, teacher: Llama | None,
+                   examples: list[batching.Example], seed_offset: int) -> tuple[Any, list[dict]]:
+    """Train LoRA adapters on the frozen backbone; return (adapter params, metrics history)."""
+    model_config, base_params = ctx.base
+    student = Llama(model_config, lora=lora_config)
+    rng = jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), seed_offset)
+    init_rng, train_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    adapter_params = lora.init_adapter_params(
+        lambda r: student.init(r, dummy)["params"], init_rng)
+    logging.info("%s: %d adapter parameters (LoRA rank %d on %s), backbone frozen", name,
+                 lora.count_params(adapter_params), lora_config.rank, ",".join(lora_config.targets))
+    schedule = lora.warmup_cosine(section.learning_rate, section.steps, section.warmup_steps)
+    optimizer = lora.make_adapter_optimizer(schedule)
+    opt_state = optimizer.init(adapter_params)
+    loss_fn = build_objective(student, teacher, objective)
+    step_fn = make_train_step(loss_fn, optimizer)
+    batches = batching.balanced_batches(
+        examples, section.batch_size, ctx.config.data.harmful_fraction,
+        seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
+        max_seq_len=ctx.config.data.max_seq_len)
+    adapter_params, _, history = train_loop(
+        step_fn=step_fn, adapter_params=adapter_params, opt_state=opt_state,
+        frozen_params=frozen_params, batches=batches, num_steps=section.steps, rng=train_rng,
+        log_every=ctx.config.log_every, name=name)
+    return adapter_params, history
+
+
+def save_adapters(directory: pathlib.Path, adapter_params) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    target = directory.resolve()
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; delete it to retrain")
+    checkpointer.save(target, jax.device_get(adapter_params))
+    checkpointer.wait_until_finished()
+
+
+def load_adapters(directory: pathlib.Path):
+    return ocp.StandardCheckpointer().restore(directory.resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# teacher: LoRA on every linear layer, trained with cross-entropy on the targets, then merged.
+# --------------------------------------------------------------------------------------------
+
+def run_teacher(ctx: Context) -> None:
+    if ctx.config.teacher:
+        logging.info("teacher: using %s (config.teacher), no training", ctx.config.teacher)
+        return
+    out_dir = ctx.stage_dir("teacher")
+    record = _teacher_record(ctx.config)
+    if workdir.stage_done(out_dir, record):
+        logging.info("teacher: reusing %s", out_dir)
+        return
+    section = ctx.config.teacher_train
+    _, base_params = ctx.base
+    adapters, history = train_adapters(
+        ctx, name="teacher", section=section, lora_config=_lora_config(section),
+        objective=ObjectiveConfig(ce_weight=1.0), frozen_params={"backbone": base_params},
+        teacher=None, examples=training_examples(ctx), seed_offset=101)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_adapters(out_dir / TEACHER_DIR_FILE, adapters)
+    workdir.write_jsonl(out_dir / "history.jsonl", history)
+    workdir.mark_stage_done(out_dir, record, {"final_loss": history[-1]["loss"],
+                                              "seconds": history[-1]["seconds"]})
+
+
+def teacher_params(ctx: Context):
+    """The teacher's weights: trained here (base + merged LoRA) or loaded from config.teacher."""
+    spec = ctx.config.teacher
+    if spec:
+        path = pathlib.Path(spec).expanduser()
+        if (path / "stage.json").exists() and (path / TEACHER_DIR_FILE).exists():
+            return _merged(ctx, path / TEACHER_DIR_FILE, ctx.config.teacher_train)
+        teacher_config, params = load_model(resolve_model_spec(spec))
+        if teacher_config.vocab_size != ctx.base[0].vocab_size:
+            raise ValueError(f"teacher {spec} has vocab_size={teacher_config.vocab_size}, the "
+                             f"student {ctx.base[0].vocab_size}; distillation needs one vocabulary")
+        return to_device_tree(params)
+    out_dir = ctx.stage_dir("teacher")
+    if not (out_dir / "stage.json").exists():
+        raise FileNotFoundError(f"no teacher in {out_dir}; run the 'teacher' stage first")
+    return _merged(ctx, out_dir / TEACHER_DIR_FILE, ctx.config.teacher_train)
+
+
+def teacher_model_config(ctx: Context) -> LlamaConfig:
+    spec = ctx.config.teacher
+    if spec and not (pathlib.Path(spec).expanduser() / "stage.json").exists():
+        return load_model(resolve_model_spec(spec))[0]
+    return ctx.base[0]
+
+
+def _merged(ctx: Context, adapter_dir: pathlib.Path, section):
+    _, base_params = ctx.base
+    adapters = to_device_tree(load_adapters(adapter_dir))
+    full = lora.combine_params(adapters, base_params)
+    return lora.merge_lora(full, lora.lora_scale(section.lora_rank, section.lora_alpha))
+
+
+# --------------------------------------------------------------------------------------------
+# distill: the student's LoRA adapters learn from the teacher on the frozen backbone.
+# --------------------------------------------------------------------------------------------
+
+def distill_objective(config) -> ObjectiveConfig:
+    d = config.distill
+    return ObjectiveConfig(
+        kd_weight=d.kd_weight, consistency_weight=d.consistency_weight, l2_weight=d.l2_weight,
+        divergence=d.divergence, temperature=d.temperature, noise_alpha=d.noise_alpha,
+        noise_distribution=d.noise_distribution)
+
+
+def run_distill(ctx: Context) -> None:
+    out_dir = ctx.stage_dir("student")
+    record = _distill_record(ctx.config)
+    if workdir.stage_done(out_dir, record):
+        logging.info("distill: reusing %s", out_dir)
+        return
+    section = ctx.config.distill
+    _, base_params = ctx.base
+    frozen = {"backbone": base_params, "teacher": teacher_params(ctx)}
+    adapters, history = train_adapters(
+        ctx, name="distill", section=section, lora_config=_lora_config(section),
+        objective=distill_objective(ctx.config), frozen_params=frozen,
+        teacher=Llama(teacher_model_config(ctx)), examples=training_examples(ctx),
+        seed_offset=202)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_adapters(out_dir / "adapters", adapters)
+    workdir.write_jsonl(out_dir / "history.jsonl", history)
+    workdir.mark_stage_done(out_dir, record, {"final_loss": history[-1]["loss"],
+                                              "seconds": history[-1]["seconds"]})
+
+
+def student_params(ctx: Context):
+    out_dir = ctx.stage_dir("student")
+    if not (out_dir / "stage.json").exists():
+        raise FileNotFoundError(f"no student in {out_dir}; run the 'distill' stage first")
+    return _merged(ctx, out_dir / "adapters", ctx.config.distill)
+
+
+# --------------------------------------------------------------------------------------------
+# eval: greedy replies of base, teacher and student on the evaluation splits.
+# --------------------------------------------------------------------------------------------
+
+def eval_subsets(ctx: Context) -> dict[str, list[dict]]:
+    """A seeded subset of `eval.limit` prompts per split (all prompts when the limit is 0)."""
+    subsets = {}
+    for offset, split in enumerate(EVAL_SPLITS):
+        rows = ctx.split(split)
+        limit = ctx.config.eval.limit
+        if limit and len(rows) > limit:
+            order = np.random.default_rng(ctx.config.seed + 1000 + offset).permutation(len(rows))
+            rows = [rows[i] for i in sorted(order[:limit])]
+        subsets[split] = rows
+    return subsets
+
+
+def _eval_dir(ctx: Context) -> pathlib.Path:
+    # Results are keyed by the eval settings, so a re-run with other settings adds a directory
+    # instead of overwriting earlier results.
+    record = json.dumps(ctx.config.eval.to_dict(), sort_keys=True)
+    key = "limit{}-tokens{}-{:08x}".format(ctx.config.eval.limit, ctx.config.eval.max_new_tokens,
+                                           _stable_hash(record))
+    return ctx.stage_dir("eval") / key
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _model_for_eval(ctx: Context, name: str) -> tuple[LlamaConfig, Any]:
+    if name == "base":
+        return ctx.base
+    if name == "teacher":
+        return teacher_model_config(ctx), teacher_params(ctx)
+    return ctx.base[0], student_params(ctx)
+
+
+def run_eval(ctx: Context) -> None:
+    eval_dir = _eval_dir(ctx)
+    upstream = {"teacher": _teacher_record(ctx.config), "student": _distill_record(ctx.config)}
+    subsets = eval_subsets(ctx)
+    cfg = ctx.config.eval
+    for name in ("base", "teacher", "student"):
+        model_dir = eval_dir / name
+        record = {"eval": cfg.to_dict(), "model": upstream.get(name, {"model": ctx.config.model})}
+        if workdir.stage_done(model_dir, record):
+            logging.info("eval: reusing %s", model_dir)
+            continue
+        model_config, params = _model_for_eval(ctx, name)
+        flat = [(split, row) for split in EVAL_SPLITS for row in subsets[split]]
+        replies = generate_replies(ctx, model_config, params, [row["prompt"] for _, row in flat],
+                                   cfg.max_new_tokens, cfg.batch_size, f"eval {name}")
+        generations = []
+        for (split, row), reply in zip(flat, replies):
+            generations.append({"split": split, "id": row["id"], "reply": reply["reply"],
+                                "complete": reply["complete"], "refused": is_refusal(reply["reply"])})
+        model_dir.mkdir(parents=True, exist_ok=True)
+        workdir.write_jsonl(model_dir / "generations.jsonl", generations)
+        refused = {split: [g["refused"] for g in generations if g["split"] == split]
+                   for split in EVAL_SPLITS}
+        result = metrics.safety_metrics(refused)
+        if name == "student":
+            result.update(_distillation_metrics(ctx, eval_dir, subsets, params))
+        workdir.write_json(model_dir / "metrics.json", result)
+        workdir.mark_stage_done(model_dir, record, result)
+        logging.info("eval %s: %s", name, json.dumps(
+            {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))
+
+
+def _distillation_metrics(ctx: Context, eval_dir: pathlib.Path, subsets, student) -> dict:
+    """Teacher-forced top-1 agreement on the teacher's own replies, and decision agreement."""
+    teacher_rows = workdir.read_jsonl(eval_dir / "teacher" / "generations.jsonl")
+    student_rows = workdir.read_jsonl(eval_dir / "student" / "generations.jsonl")
+    decision_agreement = metrics.mean_or_nan(
+        [t["refused"] == s["refused"] for t, s in zip(teacher_rows, student_rows)])
+
+    prompts = {(split, row["id"]): row["prompt"] for split in EVAL_SPLITS for row in subsets[split]}
+    half = max(1, ctx.config.eval.kd_limit // 2)
+    chosen = ([r for r in teacher_rows if r["split"] == "eval_harmful"][:half]
+              + [r for r in teacher_rows if r["split"] == "eval_benign_sensitive"][:half])
+    rows = [{"prompt": prompts[(r["split"], r["id"])], "reply": r["reply"], "label": "eval",
+             "id": r["id"], "complete": r["complete"]} for r in chosen if r["reply"].strip()]
+    examples, _ = batching.tokenize_examples(ctx.tokenizer, rows, max_seq_len=10**6)
+    model_config = ctx.base[0]
+    teacher_cfg = teacher_model_config(ctx)
+    teacher_p = teacher_params(ctx)
+
+    @jax.jit
+    def agreement(student_p, teacher_p, batch):
+        mask = jnp.concatenate([batch["loss_mask"][:, 1:], jnp.zeros_like(batch["loss_mask"][:, :1])],
+                               axis=1)
+        s = Llama(model_config).apply({"params": student_p}, batch["input_ids"],
+                                      attention_mask_BxL=batch["attention_mask"]).logits_BxLxV
+        t = Llama(teacher_cfg).apply({"params": teacher_p}, batch["input_ids"],
+                                     attention_mask_BxL=batch["attention_mask"]).logits_BxLxV
+        return metrics.top1_agreement(s, t, mask)
+
+    agree, total = 0, 0
+    batch_size = ctx.config.eval.batch_size
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = batching.pad_batch(chunk, ctx.tokenizer.pad_id, 64, max_seq_len=10**6)
+        a, n = agreement(student, teacher_p, batch)
+        agree, total = agree + int(a), total + int(n)
+    return {"kd_token_agreement": agree / total if total else float("nan"),
+            "kd_token_count": total, "kd_decision_agreement": decision_agreement}
+
+
+# --------------------------------------------------------------------------------------------
+# report: one table for base, teacher and student.
+# --------------------------------------------------------------------------------------------
+
+REPORT_COLUMNS = ("overall_safety_score",) + metrics.SAFETY_COMPONENTS + ("kd_token_agreement",)
+
+
+def run_report(ctx: Context) -> dict:
+    eval_dir = _eval_dir(ctx)
+    models = {}
+    for name in ("base", "teacher", "student"):
+        path = eval_dir / name / "metrics.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing; run the 'eval' stage first")
+        models[name] = json.loads(path.read_text())
+    subsets = eval_subsets(ctx)
+    split_counts = json.loads((ctx.data_dir / "split_counts.json").read_text())
+    report = {
+        "models": models,
+        "eval_counts": {split: len(rows) for split, rows in subsets.items()},
+        "split_counts": split_counts,
+        "refusal_detector": validate_against_human_labels(),
+        "stage_seconds": ctx.timings,
+        "config": ctx.config.to_dict(),
+    }
+    workdir.write_json(ctx.root / "report.json", report)
+    table = format_table(report)
+    (ctx.root / "report.md").write_text(table)
+    print(table)
+    return report
+
+
+def format_table(report: dict) -> str:
+    def cell(model: dict, column: str) -> str:
+        value = model.get(column)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "-"
+        text = f"{value:.3f}"
+        ci = model.get(f"{column}_ci95")
+        return f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else text
+
+    lines = ["| model | " + " | ".join(REPORT_COLUMNS) + " |",
+             "|---" * (len(REPORT_COLUMNS) + 1) + "|"]
+    for name, model in report["models"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(model, c) for c in REPORT_COLUMNS) + " |")
+    counts = ", ".join(f"{k}={v}" for k, v in report["eval_counts"].items())
+    detector = report["refusal_detector"]
+    lines += [
+        "",
+        f"Evaluation prompts per split (seeded subsets): {counts}.",
+        "Rates in brackets: 95% Wilson intervals.",
+        f"Refusal detector against {detector['n']} human-labelled replies: accuracy "
+        f"{detector['accuracy']:.3f}, precision {detector['precision']:.3f}, "
+        f"recall {detector['recall']:.3f}.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""The work directory: stage outputs, their config records, and guards against mixing runs.
+
+Every stage writes its outputs into `<workdir>/<stage>/` and, last, `stage.json` with the config
+values its outputs depend on. A stage whose `stage.json` exists and matches the current config is
+skipped on a re-run. A match failure stops the run with the differing field instead of
+overwriting the older outputs: nothing a previous run produced is ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+MARKER = "ckt_jax_run.json"
+
+
+class WorkdirError(ValueError):
+    pass
+
+
+def prepare_workdir(path: str | os.PathLike) -> pathlib.Path:
+    """Create the work directory, or accept one that an earlier ckt_jax run created."""
+    root = pathlib.Path(path).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise WorkdirError(f"--workdir {root} is a file; pass a directory path")
+    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
+        raise WorkdirError(
+            f"--workdir {root} is not empty and was not created by ckt_jax; "
+            "pass a new or empty directory")
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"created_by": "ckt_jax"}) + "\n")
+    return root
+
+
+def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(record, dict):
+        flat = {}
+        for key, value in record.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): record}
+
+
+def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
+    """Return True if `stage_dir` holds finished outputs made with `record`.
+
+    Raises WorkdirError when it holds outputs made with a different config.
+    """
+    path = stage_dir / "stage.json"
+    if not path.exists():
+        return False
+    try:
+        stored = json.loads(path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise WorkdirError(f"{path} is unreadable ({err}); delete {stage_dir} to redo the stage"
+                           ) from err
+    old, new = _flatten(stored), _flatten(json.loads(json.dumps(record)))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            raise WorkdirError(
+                f"{stage_dir} holds another run's {stage_dir.name} outputs ({key}="
+                f"{old.get(key)!r}, this config has {new.get(key)!r}); use a new --workdir or "
+                f"delete {stage_dir}")
+    return True
+
+
+def mark_stage_done(stage_dir: pathlib.Path, record: dict, summary: dict | None = None) -> None:
+    """Write `stage.json` last, atomically, so a killed stage never looks finished."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / "stage.json.tmp"
+    tmp.write_text(json.dumps({"config": record, "summary": summary or {}}, indent=2) + "\n")
+    os.replace(tmp, stage_dir / "stage.json")
+
+
+def read_summary(stage_dir: pathlib.Path) -> dict:
+    return json.loads((stage_dir / "stage.json").read_text()).get("summary", {})
+
+
+def write_json(path: pathlib.Path, value: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,38 @@
+"""Smoke run: every stage of the main job on the real model and data, with tiny sizes.
+
+    python -m ckt_jax.main --config configs/smoke.py --workdir /tmp/ckt_smoke
+
+A few minutes on a 2-core CPU. The numbers it reports are not meaningful; it checks that the stages
+connect end to end.
+"""
+
+import importlib.util
+import pathlib
+
+# Load the sibling file by path, so this config works whatever the current directory is.
+_spec = importlib.util.spec_from_file_location(
+        "smollm2_cpu", pathlib.Path(__file__).with_name("smollm2_cpu.py"))
+smollm2_cpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(smollm2_cpu)
+
+
+def get_config():
+    c = smollm2_cpu.get_config()
+    c.data.max_seq_len = 128
+    c.data.train_template_max_chars = 300
+    c.data.max_benign_prompts = 8
+    c.targets.max_new_tokens = 8
+    c.targets.batch_size = 8
+    c.teacher_train.lora_rank = 4
+    c.teacher_train.steps = 2
+    c.teacher_train.batch_size = 2
+    c.teacher_train.warmup_steps = 1
+    c.distill.steps = 2
+    c.distill.batch_size = 2
+    c.distill.warmup_steps = 1
+    c.eval.limit = 4
+    c.eval.max_new_tokens = 8
+    c.eval.batch_size = 4
+    c.eval.kd_limit = 4
+    c.log_every = 1
+    return c

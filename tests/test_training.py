@@ -1,0 +1,119 @@
+"""Adapter training on a tiny random Llama: frozen backbone, adapter-only gradients, merging."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from ckt_jax import lora
+from ckt_jax.model import Llama, LlamaConfig, LoraConfig
+from ckt_jax.objective import ObjectiveConfig, build_objective
+from ckt_jax.train import make_train_step, train_loop
+
+TINY = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+LORA = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o"))
+
+
+def tiny_setup(seed=0):
+    student = Llama(TINY, lora=LORA)
+    full = student.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    adapters, backbone = lora.split_params(full)
+    # Non-zero lora_b so that merging is a real test.
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.01, adapters)
+    teacher_params = Llama(TINY).init(jax.random.PRNGKey(seed + 1),
+                                      jnp.zeros((1, 8), jnp.int32))["params"]
+    return student, adapters, backbone, teacher_params
+
+
+def tiny_batch(seed=0, batch=4, length=16):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, TINY.vocab_size, size=(batch, length)).astype(np.int32)
+    attention = np.ones((batch, length), np.int32)
+    attention[0, 12:] = 0   # a right-padded row
+    loss_mask = np.zeros((batch, length), np.int32)
+    loss_mask[:, 6:12] = 1
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+
+
+def full_objective():
+    return ObjectiveConfig(ce_weight=0.5, kd_weight=1.0, consistency_weight=0.5, l2_weight=1e-3,
+                           temperature=2.0, noise_alpha=5.0)
+
+
+def test_gradients_only_for_adapters():
+    student, adapters, backbone, teacher_params = tiny_setup()
+    loss_fn = build_objective(student, Llama(TINY), full_objective())
+    frozen = {"backbone": backbone, "teacher": teacher_params}
+    batch = tiny_batch()
+
+    def loss_of_everything(adapter_params, frozen_params):
+        return loss_fn(adapter_params, frozen_params, batch, jax.random.PRNGKey(0))[0]
+
+    adapter_grads, frozen_grads = jax.grad(loss_of_everything, argnums=(0, 1))(adapters, frozen)
+    for path, g in traverse_util.flatten_dict(frozen_grads).items():
+        assert np.all(np.asarray(g) == 0), f"frozen leaf {'/'.join(path)} received a gradient"
+    nonzero = [np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(adapter_grads)]
+    assert all(nonzero)
+    flat = traverse_util.flatten_dict(adapter_grads)
+    assert all(lora.is_adapter_path(p) for p in flat)
+
+
+def test_backbone_bit_identical_after_training():
+    student, adapters, backbone, teacher_params = tiny_setup()
+    before = jax.tree_util.tree_map(np.array, backbone)
+    adapters_before = jax.tree_util.tree_map(np.array, adapters)
+    optimizer = lora.make_adapter_optimizer(1e-2)
+    step = make_train_step(build_objective(student, Llama(TINY), full_objective()), optimizer)
+    frozen = {"backbone": backbone, "teacher": teacher_params}
+
+    def batches():
+        seed = 0
+        while True:
+            seed += 1
+            yield tiny_batch(seed)
+
+    new_adapters, _, history = train_loop(
+        step_fn=step, adapter_params=adapters, opt_state=optimizer.init(adapters),
+        frozen_params=frozen, batches=batches(), num_steps=3, rng=jax.random.PRNGKey(1),
+        log_every=1, name="test")
+    for path, value in traverse_util.flatten_dict(before).items():
+        after = np.asarray(traverse_util.flatten_dict(backbone)[path])
+        assert np.array_equal(value, after), f"backbone leaf {'/'.join(path)} changed"
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(
+        jax.tree_util.tree_leaves(adapters_before), jax.tree_util.tree_leaves(new_adapters))]
+    assert all(changed)
+    assert len(history) == 3
+    for key in ("loss/ce", "loss/kd", "loss/consistency", "loss/l2", "grad_norm"):
+        assert np.isfinite(history[-1][key]), key
+
+
+def test_optimizer_freezes_stray_backbone_leaf():
+    # A frozen leaf passed in the trainable tree still gets a zero update and no Adam state.
+    params = {"attn": {"q": {"kernel": jnp.ones((3, 3)), "lora_a": jnp.ones((3, 2))}}}
+    optimizer = lora.make_adapter_optimizer(0.1, max_grad_norm=None)
+    state = optimizer.init(params)
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = optimizer.update(grads, state, params)
+    assert np.all(np.asarray(updates["attn"]["q"]["kernel"]) == 0)
+    assert np.all(np.asarray(updates["attn"]["q"]["lora_a"]) != 0)
+
+
+def test_merge_lora_matches_adapter_forward():
+    student, adapters, backbone, _ = tiny_setup()
+    ids = jnp.asarray(tiny_batch()["input_ids"])
+    with_adapters = student.apply({"params": lora.combine_params(adapters, backbone)}, ids)
+    merged = lora.merge_lora(lora.combine_params(adapters, backbone), LORA.alpha / LORA.rank)
+    plain = Llama(TINY).apply({"params": merged}, ids)
+    np.testing.assert_allclose(plain.logits_BxLxV, with_adapters.logits_BxLxV, atol=1e-5)
+
+
+def test_objective_switches_terms_off():
+    student, adapters, backbone, teacher_params = tiny_setup()
+    loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0))
+    _, aux = loss_fn(adapters, {"backbone": backbone}, tiny_batch(), jax.random.PRNGKey(0))
+    assert set(k for k in aux if k.startswith("loss/")) == {"loss/ce"}
+    with pytest.raises(ValueError, match="divergence"):
+        ObjectiveConfig(kd_weight=1.0, divergence="kl_typo")
