@@ -206,7 +206,8 @@ class Attention(nn.Module):
         return Projection(features, lora, self.dtype, self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x_BxLxD, allowed_BxLxS, cos_BxLxE, sin_BxLxE, layer_cache, cache_index):
+    def __call__(self, x_BxLxD, allowed_new_BxLxL, allowed_cached_BxLxS, cos_BxLxE,
+                 sin_BxLxE, layer_cache):
         cfg = self.config
         B, L, _ = x_BxLxD.shape
         H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -218,32 +219,37 @@ class Attention(nn.Module):
         q_BxLxHxE = _apply_rope(q_BxLxHxE, cos_BxLxE, sin_BxLxE)
         k_BxLxKxE = _apply_rope(k_BxLxKxE, cos_BxLxE, sin_BxLxE)
 
+        # Grouped-query attention: query head h uses key/value head h // G. Scores against the
+        # cached keys and against the L new keys are computed separately and share one softmax,
+        # so the cache is never copied here. The caller writes the new keys into the cache
+        # after the layer scan.
+        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
+        scale = 1.0 / math.sqrt(E)
+        scores_BxKxGxLxL = jnp.einsum(
+            "blkge,bmke->bkglm", q_BxLxKxGxE, k_BxLxKxE,
+            preferred_element_type=jnp.float32) * scale
+        scores_BxKxGxLxL = jnp.where(allowed_new_BxLxL[:, None, None], scores_BxKxGxLxL,
+                                     _MASK_VALUE)
         if layer_cache is None:
-            keys_BxSxKxE, values_BxSxKxE = k_BxLxKxE, v_BxLxKxE
+            probs_BxKxGxLxL = jax.nn.softmax(scores_BxKxGxLxL, axis=-1).astype(self.dtype)
+            out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE)
             new_kv = None
         else:
-            # Attend over a local copy of the cache with the new keys written in. Only the new
-            # entries are returned, and the caller writes them into the stacked cache once,
-            # after the layer scan. This keeps decode steps from copying the whole cache.
             cached_k_BxSxKxE, cached_v_BxSxKxE = layer_cache
-            start = (0, cache_index, 0, 0)
-            keys_BxSxKxE = jax.lax.dynamic_update_slice(
-                cached_k_BxSxKxE, k_BxLxKxE.astype(cached_k_BxSxKxE.dtype), start)
-            values_BxSxKxE = jax.lax.dynamic_update_slice(
-                cached_v_BxSxKxE, v_BxLxKxE.astype(cached_v_BxSxKxE.dtype), start)
+            S = cached_k_BxSxKxE.shape[1]
+            scores_BxKxGxLxS = jnp.einsum(
+                "blkge,bske->bkgls", q_BxLxKxGxE, cached_k_BxSxKxE.astype(self.dtype),
+                preferred_element_type=jnp.float32) * scale
+            scores_BxKxGxLxS = jnp.where(allowed_cached_BxLxS[:, None, None], scores_BxKxGxLxS,
+                                         _MASK_VALUE)
+            scores_BxKxGxLxT = jnp.concatenate([scores_BxKxGxLxS, scores_BxKxGxLxL], axis=-1)
+            probs_BxKxGxLxT = jax.nn.softmax(scores_BxKxGxLxT, axis=-1).astype(self.dtype)
+            out_BxLxKxGxE = (
+                jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxT[..., :S],
+                           cached_v_BxSxKxE.astype(self.dtype))
+                + jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxT[..., S:], v_BxLxKxE))
             new_kv = (k_BxLxKxE.astype(cached_k_BxSxKxE.dtype),
                       v_BxLxKxE.astype(cached_v_BxSxKxE.dtype))
-
-        # Grouped-query attention: query head h uses key/value head h // G.
-        q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
-        scores_BxKxGxLxS = jnp.einsum(
-            "blkge,bske->bkgls", q_BxLxKxGxE, keys_BxSxKxE.astype(self.dtype),
-            preferred_element_type=jnp.float32) / math.sqrt(E)
-        scores_BxKxGxLxS = jnp.where(allowed_BxLxS[:, None, None, :, :], scores_BxKxGxLxS,
-                                     _MASK_VALUE)
-        probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(self.dtype)
-        out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS,
-                                   values_BxSxKxE.astype(self.dtype))
         out_BxLxD = self._projection("o", cfg.hidden_size)(out_BxLxKxGxE.reshape(B, L, H * E))
         return out_BxLxD, new_kv
 
@@ -275,14 +281,14 @@ class DecoderLayer(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, hidden_BxLxD, layer_cache, allowed_BxLxS, cos_BxLxE, sin_BxLxE,
-                 cache_index):
+    def __call__(self, hidden_BxLxD, layer_cache, allowed_new_BxLxL, allowed_cached_BxLxS,
+                 cos_BxLxE, sin_BxLxE):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn_out_BxLxD, new_kv = Attention(cfg, self.lora, self.dtype, self.param_dtype,
                                            name="attn")(
-            norm("input_norm")(hidden_BxLxD), allowed_BxLxS, cos_BxLxE, sin_BxLxE,
-            layer_cache, cache_index)
+            norm("input_norm")(hidden_BxLxD), allowed_new_BxLxL, allowed_cached_BxLxS, cos_BxLxE,
+            sin_BxLxE, layer_cache)
         hidden_BxLxD = hidden_BxLxD + attn_out_BxLxD
         mlp_out_BxLxD = MLP(cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
             norm("post_attn_norm")(hidden_BxLxD))
@@ -297,7 +303,7 @@ def _layer_stack(config: LlamaConfig, remat: bool):
         variable_axes={"params": 0},
         split_rngs={"params": True},
         # The carry is the hidden state and layer_cache is scanned over its leading layer axis.
-        # The mask, rotary tables and cache index are shared by all layers.
+        # The masks and rotary tables are shared by all layers.
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=config.num_layers,
     )
@@ -364,18 +370,21 @@ class Llama(nn.Module):
             mask_BxL = attention_mask_BxL.astype(jnp.bool_)
 
         if cache is None:
-            cache_index = jnp.zeros((), jnp.int32)
             key_mask_BxS = mask_BxL
             query_slots_L = jnp.arange(L)
             layer_cache = None
+            allowed_cached_BxLxS = None
         else:
             cache_index = cache["index"]
+            S = cache["mask"].shape[1]
+            # Cached slots before `index` that hold real tokens are visible to every new query.
+            allowed_cached_BxLxS = jnp.broadcast_to(
+                (cache["mask"] & (jnp.arange(S) < cache_index)[None, :])[:, None, :], (B, L, S))
             # NOTE: dynamic_update_slice clamps its start index, so writing past max_len
             # silently overwrites the last slots. Size the cache for prompt + new tokens.
             key_mask_BxS = jax.lax.dynamic_update_slice(cache["mask"], mask_BxL, (0, cache_index))
             query_slots_L = cache_index + jnp.arange(L)
             layer_cache = (cache["k"], cache["v"])
-        S = key_mask_BxS.shape[1]
 
         if positions_BxL is None:
             # Position = number of real tokens before this one in the row.
@@ -384,11 +393,11 @@ class Llama(nn.Module):
         cos_BxLxE, sin_BxLxE = rope_cos_sin(positions_BxL, self.config.head_dim,
                                             self.config.rope_theta)
 
-        causal_LxS = jnp.arange(S)[None, :] <= query_slots_L[:, None]
-        allowed_BxLxS = causal_LxS[None, :, :] & key_mask_BxS[:, None, :]
+        causal_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
+        allowed_new_BxLxL = causal_LxL[None, :, :] & mask_BxL[:, None, :]
 
-        hidden_BxLxD, new_kv = self.layer_stack(hidden_BxLxD, layer_cache, allowed_BxLxS,
-                                                cos_BxLxE, sin_BxLxE, cache_index)
+        hidden_BxLxD, new_kv = self.layer_stack(hidden_BxLxD, layer_cache, allowed_new_BxLxL,
+                                                allowed_cached_BxLxS, cos_BxLxE, sin_BxLxE)
         hidden_BxLxD = self.final_norm(hidden_BxLxD)
 
         if self.config.tie_word_embeddings:

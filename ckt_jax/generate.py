@@ -1,0 +1,109 @@
+"""Batched greedy decoding with a KV cache."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ckt_jax.model import Llama, init_cache
+
+# Prompt lengths are padded up to a multiple of this many tokens, so one compiled program
+# serves every prompt length within a bucket.
+PROMPT_BUCKET = 64
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_generate(model: Llama, max_new_tokens: int, eos_id: int, pad_id: int):
+    """Build a jitted prefill + decode loop for one model and decoding setting."""
+
+    def generate(params, cache, prompt_ids_BxP, prompt_mask_BxP, active_B):
+        batch = prompt_ids_BxP.shape[0]
+        variables = {"params": params}
+
+        prefill = model.apply(variables, prompt_ids_BxP, attention_mask_BxL=prompt_mask_BxP,
+                              cache=cache)
+        first_B = jnp.argmax(prefill.logits_BxLxV[:, -1, :], axis=-1).astype(jnp.int32)
+        tokens_BxT = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+        tokens_BxT = tokens_BxT.at[:, 0].set(jnp.where(active_B, first_B, pad_id))
+        done_B = ~active_B | (first_B == eos_id)
+
+        def keep_going(state):
+            step, _, _, _, done_B = state
+            return (step < max_new_tokens) & ~jnp.all(done_B)
+
+        def decode_step(state):
+            step, last_B, cache, tokens_BxT, done_B = state
+            out = model.apply(variables, last_B[:, None], cache=cache)
+            next_B = jnp.argmax(out.logits_BxLxV[:, -1, :], axis=-1).astype(jnp.int32)
+            next_B = jnp.where(done_B, pad_id, next_B)
+            tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, next_B[:, None], (0, step))
+            done_B = done_B | (next_B == eos_id)
+            return step + 1, next_B, out.cache, tokens_BxT, done_B
+
+        state = (jnp.ones((), jnp.int32), first_B, prefill.cache, tokens_BxT, done_B)
+        _, _, _, tokens_BxT, _ = jax.lax.while_loop(keep_going, decode_step, state)
+        return tokens_BxT
+
+    # The empty cache is an argument, not built inside, because XLA otherwise spends seconds
+    # constant-folding attention over the all-zero cache.
+    return jax.jit(generate)
+
+
+def greedy_generate(model: Llama, params, prompts_ids: list[list[int]], *, max_new_tokens=64,
+                    eos_id: int, pad_id: int, batch_size=16,
+                    progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Greedily continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Prompts are sorted by length, left-padded to a multiple of ``PROMPT_BUCKET`` and run in
+    batches of exactly ``batch_size`` rows (the last batch is filled with empty rows), so jit
+    compiles once per bucket. A row stops at ``eos_id``. The returned lists, in input order,
+    exclude the prompt, the eos token and padding. ``progress(done, total)`` is called after
+    each batch with the number of prompts finished.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for index, prompt in enumerate(prompts_ids):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; greedy decoding needs at least one token")
+    limit = model.config.max_position_embeddings
+    longest = max((len(p) for p in prompts_ids), default=0)
+    if longest + max_new_tokens > limit:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens="
+                         f"{max_new_tokens} exceeds the model's max_position_embeddings={limit}; "
+                         "truncate the prompts or lower max_new_tokens")
+
+    run = _compiled_generate(model, int(max_new_tokens), int(eos_id), int(pad_id))
+    order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))
+    results: list[list[int] | None] = [None] * len(prompts_ids)
+
+    for start in range(0, len(order), batch_size):
+        batch_indices = order[start:start + batch_size]
+        batch_longest = max(len(prompts_ids[i]) for i in batch_indices)
+        prompt_len = -(-batch_longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        ids_BxP = np.full((batch_size, prompt_len), pad_id, np.int32)
+        mask_BxP = np.zeros((batch_size, prompt_len), np.int32)
+        active_B = np.zeros((batch_size,), np.bool_)
+        for row, prompt_index in enumerate(batch_indices):
+            prompt = prompts_ids[prompt_index]
+            ids_BxP[row, prompt_len - len(prompt):] = prompt
+            mask_BxP[row, prompt_len - len(prompt):] = 1
+            active_B[row] = True
+
+        cache = init_cache(model.config, batch_size, prompt_len + max_new_tokens, model.dtype)
+        tokens_BxT = np.asarray(run(params, cache, ids_BxP, mask_BxP, active_B))
+        for row, prompt_index in enumerate(batch_indices):
+            generated = []
+            for token in tokens_BxT[row].tolist():
+                if token == eos_id:
+                    break
+                generated.append(token)
+            results[prompt_index] = generated
+        if progress is not None:
+            progress(min(start + batch_size, len(order)), len(order))
+    return results
