@@ -20,9 +20,12 @@ from ckt_jax.data import sources
 # The canonical slot in Template.text; wrap() also accepts spacing variants such as {{prompt}}.
 SLOT = "{{ prompt }}"
 _SLOT_PATTERN = re.compile(r"\{\{-?\s*prompt\s*-?\}\}")
-_RAW_TAG = re.compile(r"\{%-?\s*(raw|endraw)\s*-?%\}")
-_STRING_LITERAL = re.compile(r"\{\{-?\s*'([^']*)'\s*-?\}\}")
-_OTHER_EXPRESSION = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.DOTALL)
+# Outside raw blocks: a raw tag, an expression that is a quoted string literal or a bare
+# variable name, or the start of any other Jinja construct (which render() rejects).
+_TOKEN = re.compile(r"""\{%-?\s*raw\s*-?%\}"""
+                    r"""|\{\{-?\s*(?:'([^']*)'|"([^"]*)"|([A-Za-z_]\w*))\s*-?\}\}"""
+                    r"""|\{\{|\{%|\{#""")
+_END_RAW = re.compile(r"\{%-?\s*endraw\s*-?%\}")
 
 EVAL_TEMPLATE_COUNT = 5
 EVAL_TEMPLATE_SEED = 20240611
@@ -57,30 +60,37 @@ def render(value: str) -> str:
     literals such as ``{{ '{{' }}`` become their text and prompt slots become SLOT. Raises
     ValueError on any other Jinja expression, because only single-parameter templates are supported.
     """
-    pieces = []
-    in_raw = False
-    position = 0
-    for match in _RAW_TAG.finditer(value):
-        pieces.append((in_raw, value[position:match.start()]))
-        in_raw = match.group(1) == "raw"
-        position = match.end()
-    pieces.append((in_raw, value[position:]))
-
     rendered = []
-    for is_raw, piece in pieces:
-        if is_raw:
-            rendered.append(piece)
+    slots = 0
+    position = 0
+    while True:
+        match = _TOKEN.search(value, position)
+        if match is None:
+            rendered.append(value[position:])
+            break
+        rendered.append(value[position:match.start()])
+        token = match.group(0)
+        if token.startswith("{%") and len(token) > 2:
+            # Jinja ends a raw block at the first endraw tag, even one inside quotes.
+            end = _END_RAW.search(value, match.end())
+            if end is None:
+                raise ValueError("template has a raw block without an endraw tag")
+            rendered.append(value[match.end():end.start()])
+            position = end.end()
             continue
-        piece = _SLOT_PATTERN.sub(lambda _: SLOT, piece)
-        piece = _STRING_LITERAL.sub(lambda m: m.group(1), piece)
-        leftover = [m.group(0) for m in _OTHER_EXPRESSION.finditer(piece) if m.group(0) != SLOT]
-        if leftover:
-            raise ValueError(f"unsupported Jinja expression {leftover[0]!r} in template")
-        rendered.append(piece)
-    text = "".join(rendered)
-    if SLOT not in text:
+        literal = match.group(1) if match.group(1) is not None else match.group(2)
+        if literal is not None:
+            rendered.append(literal)
+        elif match.group(3) == "prompt":
+            rendered.append(SLOT)
+            slots += 1
+        else:
+            snippet = value[match.start():match.start() + 40]
+            raise ValueError(f"unsupported Jinja syntax {snippet!r} in template")
+        position = match.end()
+    if not slots:
         raise ValueError("template has no {{ prompt }} slot outside raw blocks")
-    return text
+    return "".join(rendered)
 
 
 def wrap(template: Template | str, prompt: str) -> str:

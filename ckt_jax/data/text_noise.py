@@ -32,8 +32,9 @@ def _random_letter(rng: np.random.Generator, like: str) -> str:
 def char_typos(text: str, rate: float, rng: np.random.Generator) -> str:
     """Add typos to a share ``rate`` of the letters in ``text``.
 
-    Each chosen letter is swapped with the next character, dropped, followed by an inserted
-    letter, or replaced by another letter, with equal odds. Non-letters are never chosen.
+    Each chosen letter is swapped with the next letter, dropped, followed by an inserted letter,
+    or replaced by another letter, with equal odds. Non-letters are never chosen or moved, so
+    words keep their boundaries (a one-letter word can be dropped).
     """
     _check_rate(rate)
     if rate == 0.0 or not text:
@@ -48,7 +49,7 @@ def char_typos(text: str, rate: float, rng: np.random.Generator) -> str:
             i += 1
             continue
         kind = TYPO_KINDS[int(rng.integers(len(TYPO_KINDS)))]
-        if kind == "swap" and i + 1 < len(chars) and chars[i + 1] != char:
+        if kind == "swap" and i + 1 < len(chars) and chars[i + 1].isalpha() and chars[i + 1] != char:
             output.extend([chars[i + 1], char])
             i += 2
             continue
@@ -57,7 +58,7 @@ def char_typos(text: str, rate: float, rng: np.random.Generator) -> str:
         elif kind == "insert":
             output.extend([char, _random_letter(rng, char)])
         else:
-            # "replace", and also a swap that has no different next character to swap with.
+            # "replace", and also a swap that has no different next letter to swap with.
             replacement = _random_letter(rng, char)
             while replacement.casefold() == char.casefold():
                 replacement = _random_letter(rng, char)
