@@ -69,11 +69,13 @@ def pad_batch(examples: Sequence[Example], pad_id: int, pad_multiple: int,
 
 def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fraction: float,
                      seed: int, pad_id: int, max_seq_len: int, pad_multiple: int = 64,
-                     ) -> Iterator[dict[str, np.ndarray]]:
+                     pool_batches: int = 16) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches forever: `round(batch_size * harmful_fraction)` harmful examples each.
 
     Each class is reshuffled (with `seed`) every time it is exhausted, so both are seen evenly even
-    when one class is much larger than the other.
+    when one class is much larger than the other. Examples are drawn `pool_batches` batches at a
+    time and sorted by length within each class before they are cut into batches, so a batch holds
+    examples of similar length and pads little; the batch order is then shuffled.
     """
     by_label = {"harmful": [e for e in examples if e.label == "harmful"],
                 "benign": [e for e in examples if e.label == "benign"]}
@@ -92,6 +94,14 @@ def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fract
         return by_label[label][orders[label].pop()]
 
     while True:
-        chosen = [take(label) for label, count in counts.items() for _ in range(count)]
-        order = rng.permutation(len(chosen))
-        yield pad_batch([chosen[i] for i in order], pad_id, pad_multiple, max_seq_len)
+        pools = {label: sorted((take(label) for _ in range(count * pool_batches)),
+                               key=lambda e: len(e.input_ids))
+                 for label, count in counts.items()}
+        batches = []
+        for i in range(pool_batches):
+            chosen = [e for label, count in counts.items()
+                      for e in pools[label][i * count:(i + 1) * count]]
+            order = rng.permutation(len(chosen))
+            batches.append([chosen[j] for j in order])
+        for i in rng.permutation(pool_batches):
+            yield pad_batch(batches[i], pad_id, pad_multiple, max_seq_len)

@@ -12,6 +12,11 @@
 `aux` holds every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
 is not computed at all, so switching one off also removes its cost.
 
+Only reply positions are projected onto the vocabulary: the first `max_target_tokens` positions
+of each row that predict a reply token are gathered from the final hidden states before the
+output projection. The full `B x L x V` logits are never used, so XLA drops them, which cuts the
+vocabulary-side work (projection, softmax, divergence) by `L / max_target_tokens`.
+
 Terms:
   ce           next-token cross-entropy on reply tokens (teacher fine-tuning, SFT baseline);
   kd           divergence between teacher and student next-token distributions on reply tokens;
@@ -45,6 +50,7 @@ class ObjectiveConfig:
     temperature: float = 1.0
     noise_alpha: float = 5.0
     noise_distribution: str = "gaussian"
+    max_target_tokens: int = 96   # Reply positions scored per row; later ones are ignored.
 
     def __post_init__(self):
         if self.divergence not in losses.DIVERGENCES:
@@ -56,6 +62,8 @@ class ObjectiveConfig:
         for name in ("ce_weight", "kd_weight", "consistency_weight", "l2_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.max_target_tokens < 1:
+            raise ValueError(f"max_target_tokens={self.max_target_tokens} must be >= 1")
         if self.ce_weight + self.kd_weight + self.consistency_weight == 0:
             raise ValueError("every data term has weight 0; set ce_weight or kd_weight > 0")
 
@@ -64,35 +72,72 @@ class ObjectiveConfig:
         return self.kd_weight > 0
 
 
+def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
+                            ) -> tuple[jax.Array, jax.Array]:
+    """Return (positions_BxK, valid_BxK): the first K masked positions of each row, in order.
+
+    `K = min(max_targets, L)`. Rows with fewer masked positions are filled with unmasked ones,
+    flagged invalid.
+    """
+    k = min(max_targets, target_mask_BxL.shape[1])
+    order_BxL = jnp.argsort(-target_mask_BxL.astype(jnp.int32), axis=1, stable=True)
+    positions_BxK = order_BxL[:, :k]
+    valid_BxK = jnp.take_along_axis(target_mask_BxL, positions_BxK, axis=1)
+    return positions_BxK, valid_BxK.astype(jnp.float32)
+
+
+def project_to_vocab(model: Llama, params, hidden_BxKxD: jax.Array) -> jax.Array:
+    """Apply the output projection (tied embedding or `lm_head`) to hidden states; float32."""
+    if model.config.tie_word_embeddings:
+        weight_VxD = params["embed"]["embedding"]
+        logits = jnp.einsum("bkd,vd->bkv", hidden_BxKxD, weight_VxD.astype(hidden_BxKxD.dtype),
+                            preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("bkd,dv->bkv", hidden_BxKxD,
+                            params["lm_head"]["kernel"].astype(hidden_BxKxD.dtype),
+                            preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32)
+
+
 def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig) -> LossFn:
     """Build the pure loss function of the student `student` (a LoRA model) for `cfg`."""
     if cfg.needs_teacher and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher model")
     divergence = losses.DIVERGENCES[cfg.divergence]
 
+    def gather(hidden_BxLxD, positions_BxK):
+        return jnp.take_along_axis(hidden_BxLxD, positions_BxK[..., None], axis=1)
+
     def loss_fn(adapter_params, frozen_params, batch, rng):
         frozen_params = jax.lax.stop_gradient(frozen_params)
         params = combine_params(adapter_params, frozen_params["backbone"])
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
-        target_mask = losses.next_token_mask(batch["loss_mask"]).astype(jnp.float32)
+        target_mask = losses.next_token_mask(batch["loss_mask"])
+        positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
 
         out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
-        student_logits = out.logits_BxLxV
+        student_logits = project_to_vocab(student, params, gather(out.hidden_BxLxD, positions))
         terms: dict[str, jax.Array] = {}
         weights = {"ce": cfg.ce_weight, "kd": cfg.kd_weight,
                    "consistency": cfg.consistency_weight, "l2": cfg.l2_weight}
 
         if cfg.ce_weight > 0:
-            nll = losses.next_token_cross_entropy(student_logits, input_ids)
-            terms["ce"] = losses.per_token_mean(nll, target_mask)
+            # The target of position t is token t + 1.
+            next_ids = jnp.take_along_axis(
+                input_ids, jnp.minimum(positions + 1, input_ids.shape[1] - 1), axis=1)
+            log_probs = jax.nn.log_softmax(student_logits, axis=-1)
+            nll = -jnp.take_along_axis(log_probs, next_ids[..., None], axis=-1)[..., 0]
+            terms["ce"] = losses.per_token_mean(nll, valid)
 
         if cfg.kd_weight > 0:
-            teacher_out = teacher.apply({"params": frozen_params["teacher"]}, input_ids,
+            teacher_params = frozen_params["teacher"]
+            teacher_out = teacher.apply({"params": teacher_params}, input_ids,
                                         attention_mask_BxL=attention_mask)
-            per_token = divergence(student_logits, teacher_out.logits_BxLxV,
-                                   temperature=cfg.temperature)
-            terms["kd"] = losses.per_token_mean(per_token, target_mask)
+            teacher_logits = project_to_vocab(teacher, teacher_params,
+                                              gather(teacher_out.hidden_BxLxD, positions))
+            per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
+            terms["kd"] = losses.per_token_mean(per_token, valid)
 
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
@@ -101,8 +146,9 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
                                                cfg.noise_distribution)
             noisy = student.apply({"params": params}, inputs_embeds_BxLxD=embeds + noise,
                                   attention_mask_BxL=attention_mask)
-            per_token = losses.consistency_loss(student_logits, noisy.logits_BxLxV)
-            terms["consistency"] = losses.per_token_mean(per_token, target_mask)
+            noisy_logits = project_to_vocab(student, params, gather(noisy.hidden_BxLxD, positions))
+            per_token = losses.consistency_loss(student_logits, noisy_logits)
+            terms["consistency"] = losses.per_token_mean(per_token, valid)
 
         if cfg.l2_weight > 0:
             terms["l2"] = losses.l2_penalty(adapter_params)
@@ -110,7 +156,8 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
         total = sum(weights[name] * value for name, value in terms.items())
         aux = {f"loss/{name}": value for name, value in terms.items()}
         aux.update({f"weight/{name}": jnp.float32(weights[name]) for name in terms})
-        aux["target_tokens"] = jnp.sum(target_mask)
+        aux["target_tokens"] = jnp.sum(valid)
+        aux["target_tokens_dropped"] = jnp.sum(target_mask) - jnp.sum(valid)
         return total, aux
 
     return loss_fn

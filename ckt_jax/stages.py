@@ -292,7 +292,9 @@ def run_teacher(ctx: Context) -> None:
     _, base_params = ctx.base
     adapters, history = train_adapters(
         ctx, name="teacher", section=section, lora_config=_lora_config(section),
-        objective=ObjectiveConfig(ce_weight=1.0), frozen_params={"backbone": base_params},
+        objective=ObjectiveConfig(ce_weight=1.0,
+                                  max_target_tokens=ctx.config.data.max_target_tokens),
+        frozen_params={"backbone": base_params},
         teacher=None, examples=training_examples(ctx), seed_offset=101)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_adapters(out_dir / TEACHER_DIR_FILE, adapters)
@@ -342,7 +344,7 @@ def distill_objective(config) -> ObjectiveConfig:
     return ObjectiveConfig(
         kd_weight=d.kd_weight, consistency_weight=d.consistency_weight, l2_weight=d.l2_weight,
         divergence=d.divergence, temperature=d.temperature, noise_alpha=d.noise_alpha,
-        noise_distribution=d.noise_distribution)
+        noise_distribution=d.noise_distribution, max_target_tokens=config.data.max_target_tokens)
 
 
 def run_distill(ctx: Context) -> None:

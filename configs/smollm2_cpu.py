@@ -23,6 +23,7 @@ def get_config() -> config_dict.ConfigDict:
 
     c.data = config_dict.ConfigDict()
     c.data.max_seq_len = 256                # Tokens; longer training examples are dropped (counted).
+    c.data.max_target_tokens = 80           # Reply tokens scored per example (replies are <= 65).
     c.data.train_template_max_chars = 800   # Longest in-the-wild jailbreak template used in training.
     c.data.harmful_wrap_rate = 0.35         # Share of harmful prompts also trained wrapped in a template.
     c.data.benign_wrap_rate = 0.35          # Same for benign prompts (teaches intent, not the wrapper).

@@ -117,3 +117,18 @@ def test_objective_switches_terms_off():
     assert set(k for k in aux if k.startswith("loss/")) == {"loss/ce"}
     with pytest.raises(ValueError, match="divergence"):
         ObjectiveConfig(kd_weight=1.0, divergence="kl_typo")
+
+
+def test_gathered_ce_equals_full_ce():
+    # The reply-position gather must give the same loss as full logits masked afterwards.
+    from ckt_jax import losses
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0))
+    gathered, _ = loss_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(0))
+    logits = student.apply({"params": lora.combine_params(adapters, backbone)},
+                           jnp.asarray(batch["input_ids"]),
+                           attention_mask_BxL=jnp.asarray(batch["attention_mask"])).logits_BxLxV
+    nll = losses.next_token_cross_entropy(logits, jnp.asarray(batch["input_ids"]))
+    full = losses.per_token_mean(nll, losses.next_token_mask(jnp.asarray(batch["loss_mask"])))
+    np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)

@@ -1,0 +1,53 @@
+"""Batch assembly: class balance, padding and length grouping."""
+
+import numpy as np
+
+from ckt_jax.batching import Example, balanced_batches, pad_batch
+
+
+def make_examples(n, label, rng):
+    out = []
+    for i in range(n):
+        length = int(rng.integers(10, 200))
+        mask = [0] * (length // 2) + [1] * (length - length // 2)
+        first = 3 if label == "harmful" else 4  # the first token tells the class apart
+        out.append(Example(tuple(range(first, first + length)), tuple(mask), label, f"{label}{i}"))
+    return out
+
+
+def test_balanced_batches_class_share_and_padding():
+    rng = np.random.default_rng(0)
+    examples = make_examples(50, "harmful", rng) + make_examples(7, "benign", rng)
+    stream = balanced_batches(examples, batch_size=8, harmful_fraction=0.5, seed=1, pad_id=0,
+                              max_seq_len=256, pad_multiple=64, pool_batches=4)
+    lengths = []
+    for _ in range(8):
+        batch = next(stream)
+        assert batch["input_ids"].shape[0] == 8
+        assert batch["input_ids"].shape[1] % 64 == 0
+        assert int(np.sum(batch["input_ids"][:, 0] == 3)) == 4
+        assert int(np.sum(batch["input_ids"][:, 0] == 4)) == 4
+        real = batch["attention_mask"].sum(1)
+        assert np.all(batch["loss_mask"].sum(1) > 0)
+        assert np.all(batch["input_ids"][batch["attention_mask"] == 0] == 0)
+        lengths.append(batch["input_ids"].shape[1] - real.max())
+    # Length grouping: padding beyond the longest row stays under one pad multiple.
+    assert max(lengths) < 64
+
+
+def test_balanced_batches_deterministic():
+    rng = np.random.default_rng(0)
+    examples = make_examples(20, "harmful", rng) + make_examples(20, "benign", rng)
+    a = balanced_batches(examples, 4, 0.5, seed=3, pad_id=0, max_seq_len=256)
+    b = balanced_batches(examples, 4, 0.5, seed=3, pad_id=0, max_seq_len=256)
+    for _ in range(5):
+        x, y = next(a), next(b)
+        np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
+
+
+def test_pad_batch_right_pads():
+    ex = [Example((5, 6, 7), (0, 1, 1), "benign", "a"), Example((5,), (1,), "harmful", "b")]
+    batch = pad_batch(ex, pad_id=2, pad_multiple=4, max_seq_len=16)
+    np.testing.assert_array_equal(batch["input_ids"], [[5, 6, 7, 2], [5, 2, 2, 2]])
+    np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 0], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 1, 1, 0], [1, 0, 0, 0]])
