@@ -1,0 +1,332 @@
+"""Llama model: agreement with transformers' PyTorch Llama, padding, LoRA and config checks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ckt_jax.model import Llama, LlamaConfig, LoraConfig, init_cache
+
+TINY = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                   rms_norm_eps=1e-5, max_position_embeddings=256)
+
+
+def torch_llama(config: LlamaConfig, seed=0):
+    """A randomly initialized transformers LlamaForCausalLM with the given shape."""
+    import torch
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hf_config = HFLlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim, rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, attn_implementation="eager")
+    model = LlamaForCausalLM(hf_config).eval()
+    # Random norm scales, so that a swapped or missing norm weight changes the logits.
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("norm.weight"):
+                tensor.uniform_(0.5, 1.5)
+    return model
+
+
+def params_from_torch(model, config: LlamaConfig) -> dict:
+    """Copy a transformers Llama state dict into this project's parameter layout."""
+    state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+
+    def stacked(suffix, transpose):
+        arrays = [state[f"model.layers.{i}.{suffix}"] for i in range(config.num_layers)]
+        return np.stack([a.T if transpose else a for a in arrays])
+
+    params = {
+        "embed": {"embedding": state["model.embed_tokens.weight"]},
+        "layers": {
+            "input_norm": {"scale": stacked("input_layernorm.weight", False)},
+            "attn": {n: {"kernel": stacked(f"self_attn.{n}_proj.weight", True)}
+                     for n in ("q", "k", "v", "o")},
+            "post_attn_norm": {"scale": stacked("post_attention_layernorm.weight", False)},
+            "mlp": {n: {"kernel": stacked(f"mlp.{n}_proj.weight", True)}
+                    for n in ("gate", "up", "down")},
+        },
+        "final_norm": {"scale": state["model.norm.weight"]},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": state["lm_head.weight"].T}
+    return params
+
+
+def random_ids(shape, vocab_size, seed=0):
+    return np.random.default_rng(seed).integers(3, vocab_size, size=shape).astype(np.int32)
+
+
+def tiny_params(config=TINY, lora=None, seed=0):
+    model = Llama(config, lora=lora)
+    return model, model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_tiny_matches_torch(torch_available, tied):
+    torch = torch_available
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    reference = torch_llama(config)
+    params = params_from_torch(reference, config)
+    ids_BxL = random_ids((2, 11), config.vocab_size)
+
+    logits_BxLxV = Llama(config).apply({"params": params}, jnp.asarray(ids_BxL)).logits_BxLxV
+    with torch.no_grad():
+        expected_BxLxV = reference(torch.from_numpy(ids_BxL).long()).logits.numpy()
+
+    assert logits_BxLxV.dtype == jnp.float32
+    assert logits_BxLxV.shape == expected_BxLxV.shape
+    np.testing.assert_allclose(np.asarray(logits_BxLxV), expected_BxLxV, atol=1e-4, rtol=0)
+
+
+def test_param_layout_matches_contract():
+    lora = LoraConfig(rank=4, targets=("q", "v", "down"))
+    config = dataclasses.replace(TINY, tie_word_embeddings=False)
+    _, params = tiny_params(config, lora=lora)
+    shapes = jax.tree.map(lambda x: x.shape, params)
+    N, D, I, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    Hd, KVd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+
+    assert shapes["embed"] == {"embedding": (V, D)}
+    assert shapes["final_norm"] == {"scale": (D,)}
+    assert shapes["lm_head"] == {"kernel": (D, V)}
+    assert shapes["layers"]["input_norm"] == {"scale": (N, D)}
+    assert shapes["layers"]["post_attn_norm"] == {"scale": (N, D)}
+    assert shapes["layers"]["attn"]["q"] == {"kernel": (N, D, Hd), "lora_a": (N, D, 4),
+                                              "lora_b": (N, 4, Hd)}
+    assert shapes["layers"]["attn"]["k"] == {"kernel": (N, D, KVd)}
+    assert shapes["layers"]["attn"]["v"] == {"kernel": (N, D, KVd), "lora_a": (N, D, 4),
+                                              "lora_b": (N, 4, KVd)}
+    assert shapes["layers"]["attn"]["o"] == {"kernel": (N, Hd, D)}
+    assert shapes["layers"]["mlp"]["gate"] == {"kernel": (N, D, I)}
+    assert shapes["layers"]["mlp"]["up"] == {"kernel": (N, D, I)}
+    assert shapes["layers"]["mlp"]["down"] == {"kernel": (N, I, D), "lora_a": (N, I, 4),
+                                                "lora_b": (N, 4, D)}
+    assert set(params) == {"embed", "layers", "final_norm", "lm_head"}
+
+
+def test_tied_model_has_no_lm_head():
+    _, params = tiny_params(TINY)
+    assert "lm_head" not in params
+
+
+def test_lora_starts_as_identity_and_trains():
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "up", "down"))
+    model, params = tiny_params(TINY, lora=lora)
+    base_params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x, params,
+        is_leaf=lambda x: isinstance(x, dict) and "lora_a" in x)
+    ids_BxL = jnp.asarray(random_ids((2, 6), TINY.vocab_size))
+
+    def strip_lora(tree):
+        if isinstance(tree, dict):
+            return {k: strip_lora(v) for k, v in tree.items() if k not in ("lora_a", "lora_b")}
+        return tree
+
+    base_logits = Llama(TINY).apply({"params": strip_lora(base_params)}, ids_BxL).logits_BxLxV
+    lora_logits = model.apply({"params": params}, ids_BxL).logits_BxLxV
+    np.testing.assert_allclose(np.asarray(lora_logits), np.asarray(base_logits), atol=1e-6)
+
+    grads = jax.grad(lambda p: model.apply({"params": p}, ids_BxL).logits_BxLxV.std())(params)
+    assert float(jnp.abs(grads["layers"]["attn"]["q"]["lora_b"]).max()) > 0
+    # lora_a gets zero gradient at init because lora_b is zero.
+    assert float(jnp.abs(grads["layers"]["attn"]["q"]["lora_a"]).max()) == 0
+
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["layers"]["mlp"]["down"]["lora_b"] = jnp.ones_like(
+        params["layers"]["mlp"]["down"]["lora_b"])
+    bumped_logits = model.apply({"params": bumped}, ids_BxL).logits_BxLxV
+    assert float(jnp.abs(bumped_logits - lora_logits).max()) > 1e-3
+
+
+def test_lora_scale_is_alpha_over_rank():
+    lora = LoraConfig(rank=2, alpha=6.0, targets=("o",))
+    model, params = tiny_params(TINY, lora=lora)
+    rng = np.random.default_rng(1)
+    o = params["layers"]["attn"]["o"]
+    o["lora_b"] = jnp.asarray(rng.normal(size=o["lora_b"].shape).astype(np.float32))
+    merged = jax.tree.map(lambda x: x, params)
+    delta = jnp.einsum("nir,nro->nio", o["lora_a"], o["lora_b"]) * 3.0
+    merged["layers"]["attn"]["o"] = {"kernel": o["kernel"] + delta}
+    ids_BxL = jnp.asarray(random_ids((1, 5), TINY.vocab_size))
+
+    lora_logits = model.apply({"params": params}, ids_BxL).logits_BxLxV
+    merged_logits = Llama(TINY).apply({"params": merged}, ids_BxL).logits_BxLxV
+    np.testing.assert_allclose(np.asarray(lora_logits), np.asarray(merged_logits), atol=1e-4)
+
+
+def test_inputs_embeds_equal_input_ids():
+    model, params = tiny_params()
+    ids_BxL = jnp.asarray(random_ids((2, 7), TINY.vocab_size))
+    embeds_BxLxD = model.apply({"params": params}, ids_BxL, method="embed")
+    from_ids = model.apply({"params": params}, ids_BxL)
+    from_embeds = model.apply({"params": params}, inputs_embeds_BxLxD=embeds_BxLxD)
+
+    assert embeds_BxLxD.shape == (2, 7, TINY.hidden_size)
+    np.testing.assert_array_equal(np.asarray(from_ids.logits_BxLxV),
+                                  np.asarray(from_embeds.logits_BxLxV))
+    assert from_ids.hidden_BxLxD.shape == (2, 7, TINY.hidden_size)
+    assert from_ids.cache is None
+
+
+def test_ids_and_embeds_together_rejected():
+    model, params = tiny_params()
+    ids_BxL = jnp.zeros((1, 3), jnp.int32)
+    embeds_BxLxD = jnp.zeros((1, 3, TINY.hidden_size))
+    with pytest.raises(ValueError, match="exactly one of input_ids_BxL or inputs_embeds_BxLxD"):
+        model.apply({"params": params}, ids_BxL, inputs_embeds_BxLxD=embeds_BxLxD)
+    with pytest.raises(ValueError, match="exactly one"):
+        model.apply({"params": params})
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_unpadded(side):
+    model, params = tiny_params()
+    lengths = [4, 9, 6]
+    total = max(lengths) + 2
+    prompts = [random_ids((n,), TINY.vocab_size, seed=n) for n in lengths]
+    ids_BxL = np.zeros((len(prompts), total), np.int32)
+    mask_BxL = np.zeros((len(prompts), total), np.int32)
+    for row, prompt in enumerate(prompts):
+        span = slice(total - len(prompt), total) if side == "left" else slice(0, len(prompt))
+        ids_BxL[row, span] = prompt
+        mask_BxL[row, span] = 1
+
+    padded = model.apply({"params": params}, jnp.asarray(ids_BxL),
+                         attention_mask_BxL=jnp.asarray(mask_BxL)).logits_BxLxV
+    assert not np.isnan(np.asarray(padded)).any()
+    for row, prompt in enumerate(prompts):
+        alone = model.apply({"params": params}, jnp.asarray(prompt)[None]).logits_BxLxV[0]
+        real = np.asarray(padded[row])[mask_BxL[row].astype(bool)]
+        np.testing.assert_allclose(real, np.asarray(alone), atol=1e-5, err_msg=f"row {row}")
+
+
+def test_all_padding_row_is_finite():
+    model, params = tiny_params()
+    ids_BxL = jnp.zeros((2, 5), jnp.int32)
+    mask_BxL = jnp.asarray([[0, 0, 0, 0, 0], [0, 0, 1, 1, 1]])
+    logits = model.apply({"params": params}, ids_BxL, attention_mask_BxL=mask_BxL).logits_BxLxV
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_cache_prefill_then_decode_matches_full():
+    model, params = tiny_params()
+    prompt_len, steps = 8, 5
+    ids_BxL = random_ids((2, prompt_len + steps), TINY.vocab_size)
+    mask_BxL = np.ones_like(ids_BxL)
+    mask_BxL[1, :3] = 0  # row 1 is left-padded by 3 tokens
+    full = model.apply({"params": params}, jnp.asarray(ids_BxL),
+                       attention_mask_BxL=jnp.asarray(mask_BxL)).logits_BxLxV
+
+    cache = init_cache(TINY, 2, prompt_len + steps + 3)
+    out = model.apply({"params": params}, jnp.asarray(ids_BxL[:, :prompt_len]),
+                      attention_mask_BxL=jnp.asarray(mask_BxL[:, :prompt_len]), cache=cache)
+    np.testing.assert_allclose(np.asarray(out.logits_BxLxV)[0], np.asarray(full)[0, :prompt_len],
+                               atol=1e-5)
+    for step in range(steps):
+        position = prompt_len + step
+        out = model.apply({"params": params}, jnp.asarray(ids_BxL[:, position:position + 1]),
+                          cache=out.cache)
+        np.testing.assert_allclose(np.asarray(out.logits_BxLxV)[:, 0],
+                                   np.asarray(full)[:, position], atol=1e-5,
+                                   err_msg=f"decode step {step}")
+    assert int(out.cache["index"]) == prompt_len + steps
+
+
+def test_remat_gives_same_values_and_grads():
+    _, params = tiny_params()
+    ids_BxL = jnp.asarray(random_ids((2, 6), TINY.vocab_size))
+
+    def loss(model, p):
+        return model.apply({"params": p}, ids_BxL).logits_BxLxV.std()
+
+    plain_loss, plain_grads = jax.value_and_grad(lambda p: loss(Llama(TINY), p))(params)
+    remat_loss, remat_grads = jax.value_and_grad(lambda p: loss(Llama(TINY, remat=True), p))(params)
+    np.testing.assert_allclose(float(remat_loss), float(plain_loss), rtol=1e-6)
+    for plain, remat in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_logits():
+    model, params = tiny_params()
+    ids_BxL = jnp.asarray(random_ids((1, 6), TINY.vocab_size))
+    full = model.apply({"params": params}, ids_BxL).logits_BxLxV
+    half = Llama(TINY, dtype=jnp.bfloat16).apply({"params": params}, ids_BxL).logits_BxLxV
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(half), np.asarray(full), atol=0.1)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_kv_heads=3), "not a multiple of num_kv_heads=3"),
+    (dict(head_dim=15), "head_dim=15 is odd"),
+    (dict(num_layers=0), "num_layers must be a positive int"),
+    (dict(rope_theta=0.0), "rope_theta must be > 0"),
+])
+def test_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY, **changes)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(targets=("q", "proj")), "unknown names \\['proj'\\]"),
+    (dict(targets=()), "targets is empty"),
+    (dict(targets="q"), "got the string 'q'"),
+    (dict(rank=0), "rank must be a positive int"),
+    (dict(targets=("q", "q")), "duplicates"),
+])
+def test_lora_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct GGUF
+
+
+@pytest.fixture(scope="module")
+def chat_prompt_ids(smollm2_tokenizer):
+    ids, _ = smollm2_tokenizer.encode_chat("Can you suggest a healthy breakfast?",
+                                           reply="Oatmeal with fresh berries and nuts.")
+    return np.asarray(ids, np.int32)
+
+
+@pytest.mark.real
+def test_smollm2_matches_torch(smollm2_flax, smollm2_torch, chat_prompt_ids):
+    import torch
+
+    config, params = smollm2_flax
+    logits_LxV = np.asarray(Llama(config).apply(
+        {"params": params}, jnp.asarray(chat_prompt_ids)[None]).logits_BxLxV[0])
+    with torch.no_grad():
+        expected_LxV = smollm2_torch(torch.from_numpy(chat_prompt_ids).long()[None]).logits[0]
+    expected_LxV = expected_LxV.numpy()
+
+    assert np.abs(logits_LxV - expected_LxV).max() <= 1e-3
+    np.testing.assert_array_equal(logits_LxV.argmax(-1), expected_LxV.argmax(-1))
+
+
+@pytest.mark.real
+def test_smollm2_left_padding_matches(smollm2_flax, chat_prompt_ids):
+    config, params = smollm2_flax
+    model = Llama(config)
+    pad = 7
+    short = chat_prompt_ids[:-pad]
+    ids_BxL = np.stack([chat_prompt_ids, np.concatenate([np.full(pad, 2, np.int32), short])])
+    mask_BxL = np.ones_like(ids_BxL)
+    mask_BxL[1, :pad] = 0
+
+    padded = np.asarray(model.apply({"params": params}, jnp.asarray(ids_BxL),
+                                    attention_mask_BxL=jnp.asarray(mask_BxL)).logits_BxLxV)
+    alone = np.asarray(model.apply({"params": params}, jnp.asarray(short)[None]).logits_BxLxV[0])
+    np.testing.assert_allclose(padded[1, pad:], alone, atol=1e-3)
+    np.testing.assert_array_equal(padded[1, pad:].argmax(-1), alone.argmax(-1))
+    assert not np.isnan(padded).any()
