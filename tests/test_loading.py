@@ -193,10 +193,7 @@ def test_encode_chat_masks_reply_and_eos(smollm2_tokenizer, reply):
     assert len(mask) == len(ids)
     masked = [token for token, m in zip(ids, mask) if m]
     assert masked[-1] == tokenizer.eos_id
-    # A leading newline merges with the template's "\n" before the reply into one token that
-    # starts in the prompt, so it stays unmasked.
-    expected_target = (reply[1:] if reply.startswith("\n") else reply) + "<|im_end|>"
-    assert tokenizer.decode(masked, skip_special_tokens=False) == expected_target
+    assert tokenizer.decode(masked, skip_special_tokens=False) == reply + "<|im_end|>"
     # The mask is one contiguous run, followed only by the template's trailing newline.
     first = mask.index(1)
     assert all(mask[first:first + len(masked)])
