@@ -7,6 +7,8 @@ continues where it stopped. Override any config field with `--config.<field>=<va
 
 from __future__ import annotations
 
+import importlib.util
+import logging as std_logging
 import os
 import sys
 import time
@@ -23,6 +25,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints
 # Set CKT_JAX_TRACEBACK=1 to see the traceback anyway.
 INPUT_ERRORS = (workdir.WorkdirError, FileNotFoundError, FileExistsError, ValueError,
                 NotADirectoryError, PermissionError)
+
+
+class _OwnInfoOnly(std_logging.Filter):
+    """Keep INFO lines from ckt_jax only; orbax and TFDS log several per checkpoint or split."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or f"{os.sep}ckt_jax{os.sep}" in record.pathname
 
 
 def parse_stages(text: str) -> list[str]:
@@ -57,6 +66,7 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required, for example --workdir runs/smollm2_cpu")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except INPUT_ERRORS as err:
@@ -67,5 +77,56 @@ def main(argv) -> None:
         sys.exit(2)
 
 
+def _config_path_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
+    path, overrides = None, []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[len("--config."):].split("=", 1)[0])
+    return path, overrides
+
+
+def check_config_args(argv: list[str]) -> str | None:
+    """Return a one-line problem with --config or a --config.<field> override, or None."""
+    path, overrides = _config_path_and_overrides(argv)
+    if path is None:
+        return None  # main() reports the missing flag.
+    if not os.path.isfile(path):
+        return (f"config file {path!r} not found; pass --config with an existing file, "
+                "for example configs/smollm2_cpu.py")
+    spec = importlib.util.spec_from_file_location("ckt_jax_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception as err:  # noqa: BLE001 - any failure in user code is reported the same way.
+        return f"config file {path!r} failed to load: {type(err).__name__}: {err}"
+    for field in overrides:
+        node = config
+        for depth, part in enumerate(field.split(".")):
+            if not hasattr(node, "keys") or part not in node:
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+                where = ".".join(field.split(".")[:depth]) or "config"
+                return (f"unknown config field {field!r} (--config.{field}); fields of "
+                        f"{where}: {known}")
+            node = node[part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse flags; a bad config file, field or value becomes a one-line error (exit code 2)."""
+    problem = check_config_args(argv)
+    if problem is None:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as err:
+            problem = " ".join(str(err).split())
+    print(f"ckt_jax: error: {problem}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

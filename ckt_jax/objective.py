@@ -22,7 +22,7 @@ Terms:
   kd           divergence between teacher and student next-token distributions on reply tokens;
   consistency  symmetric KL between the student's clean outputs and its outputs on embeddings
                perturbed with length-scaled noise, on reply tokens;
-  l2           0.5 * squared norm of the adapter parameters.
+  l2           0.5 * squared Frobenius norm of the weight change `scale * A @ B` of every LoRA pair.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
             terms["consistency"] = losses.per_token_mean(per_token, valid)
 
         if cfg.l2_weight > 0:
-            terms["l2"] = losses.l2_penalty(adapter_params)
+            terms["l2"] = losses.lora_delta_penalty(adapter_params, student.lora.scale)
 
         total = sum(weights[name] * value for name, value in terms.items())
         aux = {f"loss/{name}": value for name, value in terms.items()}

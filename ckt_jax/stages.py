@@ -80,6 +80,9 @@ class Context:
         return model_config, params
 
     def split(self, name: str) -> list[dict]:
+        if not (self.data_dir / "split_counts.json").exists():
+            raise FileNotFoundError(f"no data splits in {self.data_dir}; run the 'data' stage "
+                                    "first (add it to --config.stages)")
         return data_builder.load_split(self.data_dir, name)
 
     def stage_dir(self, name: str) -> pathlib.Path:
@@ -142,13 +145,11 @@ def generate_replies(ctx: Context, model_config: LlamaConfig, model_params, prom
     tok = ctx.tokenizer
     prompt_ids = [tok.encode_chat(p)[0] for p in prompts]
     started = time.perf_counter()
-    done = [0]
 
-    def progress(finished: int) -> None:
-        done[0] = finished
+    def progress(finished: int, total: int) -> None:
         elapsed = time.perf_counter() - started
-        logging.info("%s: %d/%d replies, %.1f s elapsed, %.0f s left", what, finished,
-                     len(prompts), elapsed, elapsed / max(finished, 1) * (len(prompts) - finished))
+        logging.info("%s: %d/%d replies, %.1f s elapsed, %.0f s left", what, finished, total,
+                     elapsed, elapsed / max(finished, 1) * (total - finished))
 
     outputs = greedy_generate(model, model_params, prompt_ids, max_new_tokens=max_new_tokens,
                               eos_id=tok.eos_id, pad_id=tok.pad_id, batch_size=batch_size,

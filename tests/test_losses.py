@@ -101,3 +101,17 @@ def test_cross_entropy_matches_numpy():
     expected = -np.log(np.take_along_axis(p[:, :-1], ids[:, 1:, None], -1)[..., 0])
     np.testing.assert_allclose(got[:, :-1], expected, rtol=1e-5)
     assert np.all(got[:, -1] == 0)
+
+
+def test_lora_delta_penalty_matches_explicit_product():
+    rng = np.random.default_rng(4)
+    tree = {"attn": {"q": {"kernel": np.ones((2, 6, 5)), "lora_a": rng.normal(size=(2, 6, 3)),
+                           "lora_b": rng.normal(size=(2, 3, 5))}},
+            "mlp": {"up": {"lora_a": rng.normal(size=(2, 5, 3)), "lora_b": rng.normal(size=(2, 3, 4))}}}
+    adapters = {"attn": {"q": {k: v for k, v in tree["attn"]["q"].items() if k != "kernel"}},
+                "mlp": tree["mlp"]}
+    expected = 0.0
+    for pair in (tree["attn"]["q"], tree["mlp"]["up"]):
+        expected += np.sum((2.0 * pair["lora_a"] @ pair["lora_b"]) ** 2)
+    got = float(losses.lora_delta_penalty(adapters, scale=2.0))
+    assert got == pytest.approx(0.5 * expected, rel=1e-5)
