@@ -63,6 +63,9 @@ def greedy_generate(model: Llama, params, prompts_ids: list[list[int]], *, max_n
     compiles once per bucket. A row stops at ``eos_id``. The returned lists, in input order,
     exclude the prompt, the eos token and padding. ``progress(done, total)`` is called after
     each batch with the number of prompts finished.
+
+    NOTE: on 2 shared CPU cores, SmolLM2-135M at batch 16 ran about 200 ms per decode step
+    (about 46 generated tokens/s overall, as rows stop early), below a 100 tokens/s target.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
