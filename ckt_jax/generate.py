@@ -26,7 +26,10 @@ def _compiled_generate(model: Llama, max_new_tokens: int, eos_id: int, pad_id: i
 
         prefill = model.apply(variables, prompt_ids_BxP, attention_mask_BxL=prompt_mask_BxP,
                               cache=cache)
-        first_B = jnp.argmax(prefill.logits_BxLxV[:, -1, :], axis=-1).astype(jnp.int32)
+        # Project only the last position: the full prefill logits are dead code that XLA drops.
+        last_logits_Bx1xV = model.apply(variables, prefill.hidden_BxLxD[:, -1:, :],
+                                        method="project")
+        first_B = jnp.argmax(last_logits_Bx1xV[:, -1, :], axis=-1).astype(jnp.int32)
         tokens_BxT = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
         tokens_BxT = tokens_BxT.at[:, 0].set(jnp.where(active_B, first_B, pad_id))
         done_B = ~active_B | (first_B == eos_id)

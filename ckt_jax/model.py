@@ -333,6 +333,20 @@ class Llama(nn.Module):
         """Look up token embeddings [B, L, D] in the compute dtype."""
         return self.embedder(input_ids_BxL)
 
+    def project(self, hidden_BxLxD):
+        """Apply the output projection (tied embedding or ``lm_head``); float32 logits.
+
+        Callable on its own (``method="project"``) to score a few positions of the final hidden
+        states instead of all of them.
+        """
+        if self.config.tie_word_embeddings:
+            embedding_VxD = self.embedder.embedding.astype(self.dtype)
+            logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(self.dtype),
+                                      embedding_VxD, preferred_element_type=jnp.float32)
+        else:
+            logits_BxLxV = self.lm_head(hidden_BxLxD)
+        return logits_BxLxV.astype(jnp.float32)
+
     def __call__(self, input_ids_BxL=None, *, inputs_embeds_BxLxD=None, attention_mask_BxL=None,
                  positions_BxL=None, cache=None) -> LlamaOutput:
         """Run the decoder.
@@ -400,13 +414,7 @@ class Llama(nn.Module):
                                                 allowed_cached_BxLxS, cos_BxLxE, sin_BxLxE)
         hidden_BxLxD = self.final_norm(hidden_BxLxD)
 
-        if self.config.tie_word_embeddings:
-            embedding_VxD = self.embedder.embedding.astype(self.dtype)
-            logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, embedding_VxD,
-                                      preferred_element_type=jnp.float32)
-        else:
-            logits_BxLxV = self.lm_head(hidden_BxLxD)
-        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        logits_BxLxV = self.project(hidden_BxLxD)
 
         new_cache = None
         if cache is not None:

@@ -86,24 +86,14 @@ def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
     return positions_BxK, valid_BxK.astype(jnp.float32)
 
 
-def project_to_vocab(model: Llama, params, hidden_BxKxD: jax.Array) -> jax.Array:
-    """Apply the output projection (tied embedding or `lm_head`) to hidden states; float32."""
-    if model.config.tie_word_embeddings:
-        weight_VxD = params["embed"]["embedding"]
-        logits = jnp.einsum("bkd,vd->bkv", hidden_BxKxD, weight_VxD.astype(hidden_BxKxD.dtype),
-                            preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("bkd,dv->bkv", hidden_BxKxD,
-                            params["lm_head"]["kernel"].astype(hidden_BxKxD.dtype),
-                            preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32)
-
-
 def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig) -> LossFn:
     """Build the pure loss function of the student `student` (a LoRA model) for `cfg`."""
     if cfg.needs_teacher and teacher is None:
         raise ValueError("kd_weight > 0 needs a teacher model")
     divergence = losses.DIVERGENCES[cfg.divergence]
+
+    def project(model, params, hidden_BxKxD):
+        return model.apply({"params": params}, hidden_BxKxD, method="project")
 
     def gather(hidden_BxLxD, positions_BxK):
         return jnp.take_along_axis(hidden_BxLxD, positions_BxK[..., None], axis=1)
@@ -117,7 +107,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
         positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
 
         out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
-        student_logits = project_to_vocab(student, params, gather(out.hidden_BxLxD, positions))
+        student_logits = project(student, params, gather(out.hidden_BxLxD, positions))
         terms: dict[str, jax.Array] = {}
         weights = {"ce": cfg.ce_weight, "kd": cfg.kd_weight,
                    "consistency": cfg.consistency_weight, "l2": cfg.l2_weight}
@@ -134,7 +124,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
             teacher_params = frozen_params["teacher"]
             teacher_out = teacher.apply({"params": teacher_params}, input_ids,
                                         attention_mask_BxL=attention_mask)
-            teacher_logits = project_to_vocab(teacher, teacher_params,
+            teacher_logits = project(teacher, teacher_params,
                                               gather(teacher_out.hidden_BxLxD, positions))
             per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
             terms["kd"] = losses.per_token_mean(per_token, valid)
@@ -146,7 +136,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
                                                cfg.noise_distribution)
             noisy = student.apply({"params": params}, inputs_embeds_BxLxD=embeds + noise,
                                   attention_mask_BxL=attention_mask)
-            noisy_logits = project_to_vocab(student, params, gather(noisy.hidden_BxLxD, positions))
+            noisy_logits = project(student, params, gather(noisy.hidden_BxLxD, positions))
             per_token = losses.consistency_loss(student_logits, noisy_logits)
             terms["consistency"] = losses.per_token_mean(per_token, valid)
 

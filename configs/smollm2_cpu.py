@@ -22,13 +22,13 @@ def get_config() -> config_dict.ConfigDict:
     c.log_every = 5                # Steps between training log lines.
 
     c.data = config_dict.ConfigDict()
-    c.data.max_seq_len = 256                # Tokens; longer training examples are dropped (counted).
+    c.data.max_seq_len = 192                # Tokens; longer training examples are dropped (counted).
     c.data.max_target_tokens = 80           # Reply tokens scored per example (replies are <= 65).
-    c.data.train_template_max_chars = 800   # Longest in-the-wild jailbreak template used in training.
+    c.data.train_template_max_chars = 500   # Longest in-the-wild jailbreak template used in training.
     c.data.harmful_wrap_rate = 0.35         # Share of harmful prompts also trained wrapped in a template.
     c.data.benign_wrap_rate = 0.35          # Same for benign prompts (teaches intent, not the wrapper).
     c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
-    c.data.max_benign_prompts = 320         # Cap on benign training prompts (each needs a generated reply).
+    c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
 
     c.targets = config_dict.ConfigDict()
     c.targets.max_new_tokens = 64     # Length cap of the base model's replies to benign prompts.
@@ -38,19 +38,19 @@ def get_config() -> config_dict.ConfigDict:
     c.teacher_train.lora_rank = 32
     c.teacher_train.lora_alpha = 32.0
     c.teacher_train.lora_targets = "q,k,v,o,gate,up,down"
-    c.teacher_train.steps = 70
+    c.teacher_train.steps = 50
     c.teacher_train.batch_size = 8
-    c.teacher_train.learning_rate = 5e-4   # Peak of a warm-up + cosine schedule.
-    c.teacher_train.warmup_steps = 7
+    c.teacher_train.learning_rate = 1e-3   # Peak of a warm-up + cosine schedule.
+    c.teacher_train.warmup_steps = 5
 
     c.distill = config_dict.ConfigDict()
     c.distill.lora_rank = 8
     c.distill.lora_alpha = 16.0
     c.distill.lora_targets = "q,k,v,o"
-    c.distill.steps = 70
+    c.distill.steps = 36
     c.distill.batch_size = 8
-    c.distill.learning_rate = 1e-3
-    c.distill.warmup_steps = 7
+    c.distill.learning_rate = 1.5e-3
+    c.distill.warmup_steps = 4
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
     c.distill.temperature = 2.0           # Softmax temperature of both distributions (loss scaled T^2).
     c.distill.kd_weight = 1.0
@@ -60,7 +60,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.l2_weight = 1e-4            # 0.5 * sum of squared adapter weights.
 
     c.eval = config_dict.ConfigDict()
-    c.eval.limit = 48               # Prompts per evaluation split (seeded subset); 0 = all.
+    c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.
     c.eval.max_new_tokens = 64      # Generated tokens per reply (greedy).
     c.eval.batch_size = 16
     c.eval.kd_limit = 32            # Prompts for teacher-forced token agreement.
