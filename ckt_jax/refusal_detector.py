@@ -78,6 +78,8 @@ _REFUSAL_PATTERNS = tuple(re.compile(pattern) for pattern in (
     r"\bcannot (?:comply|fulfil|fulfill) (?:with )?(?:this|that|your)",
     r"\b(?:against|violates?) (?:my|the) (?:guidelines|policies|policy|principles)",
     r"\bi must (?:decline|refuse)\b",
+    r"\b(?:not|isn't|is not) something i(?:'ll| will| can| am able to)? (?:help|assist)",
+    r"\boutside (?:of )?what i can (?:help|assist|do)\b",
     r"\bi (?:can|could) help with .{0,200}\bbut not\b",
     r"^(?:creating|making|doing|writing|it is|it's|this is|that is|that's) .{0,80}"
     r"\bis (?:illegal|unethical|against the law)\b",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import config_dict
 
@@ -119,6 +120,8 @@ def _distill_record(config) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def run_data(ctx: Context) -> None:
+    # TFDS draws one progress bar per split into the log; the split counts below say the same.
+    tfds.disable_progress_bar()
     counts = data_builder.build_dataset(ctx.data_dir)
     for name, count in sorted(counts.items()):
         logging.info("split %-24s %5d prompts", name, count)

@@ -57,7 +57,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.noise_alpha = 5.0           # Embedding noise magnitude alpha / sqrt(length * hidden).
     c.distill.noise_distribution = "gaussian"  # gaussian or uniform.
     c.distill.consistency_weight = 0.5    # Symmetric KL between clean and noisy student outputs.
-    c.distill.l2_weight = 1e-4            # 0.5 * sum of squared adapter weights.
+    c.distill.l2_weight = 1e-4            # 0.5 * squared norm of each LoRA weight change (scale * A @ B).
 
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.

@@ -68,3 +68,10 @@ def test_human_label_agreement():
     assert with_prompt["accuracy"] >= 0.90
     assert with_prompt["precision"] >= 0.95
     assert with_prompt["recall"] >= 0.90
+
+
+def test_detector_flags_every_written_refusal():
+    from ckt_jax.data.refusals import REFUSAL_REPLIES
+
+    for reply in REFUSAL_REPLIES:
+        assert is_refusal(reply), reply
