@@ -1,9 +1,12 @@
 """Tokenized training examples and fixed-shape batches.
 
 An example is one chat turn: the prompt rendered with the model's chat template, then the reply.
-`loss_mask` marks the reply tokens, which are the only training targets. Batches mix harmful and
-benign examples at a fixed share and are padded on the right to a multiple of `pad_multiple`
-tokens, so jit compiles one step per length bucket instead of one per batch.
+`loss_mask` marks the reply tokens, which are the only training targets. Each batch comes from
+one group (prompts as written, or prompts wrapped in a jailbreak template) and mixes harmful and
+benign examples at a fixed share. Within the wrapped group the two classes are balanced too, so
+the wrapper itself never predicts the target: only the request inside it does. Batches are padded
+on the right to a multiple of `pad_multiple` tokens, so jit compiles one step per length bucket
+instead of one per batch, and wrapped (long) prompts do not pad the plain batches.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ class Example:
     loss_mask: tuple[int, ...]
     label: str          # "harmful" or "benign".
     prompt_id: str
+    wrapped: bool = False   # The prompt is wrapped in a jailbreak template.
 
 
 def tokenize_examples(tokenizer, rows: Sequence[dict], max_seq_len: int,
                       ) -> tuple[list[Example], int]:
-    """Tokenize `{"prompt", "reply", "label", "id", "complete"}` rows; return (examples, dropped).
+    """Tokenize `{"prompt", "reply", "label", "id", "complete", "wrapped"}` rows.
+
+    Returns (examples, number dropped).
 
     A reply cut off by the generation length limit (`complete` False) has no end-of-turn token in
     its target, so the model is not taught to stop mid-sentence. Examples longer than
@@ -45,7 +51,8 @@ def tokenize_examples(tokenizer, rows: Sequence[dict], max_seq_len: int,
         if len(ids) > max_seq_len:
             dropped += 1
             continue
-        examples.append(Example(tuple(ids), tuple(mask), row["label"], row["id"]))
+        examples.append(Example(tuple(ids), tuple(mask), row["label"], row["id"],
+                                bool(row.get("wrapped", False))))
     return examples, dropped
 
 
@@ -69,39 +76,54 @@ def pad_batch(examples: Sequence[Example], pad_id: int, pad_multiple: int,
 
 def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fraction: float,
                      seed: int, pad_id: int, max_seq_len: int, pad_multiple: int = 64,
-                     pool_batches: int = 16) -> Iterator[dict[str, np.ndarray]]:
+                     pool_batches: int = 16, wrapped_fraction: float = 0.0,
+                     ) -> Iterator[dict[str, np.ndarray]]:
     """Yield batches forever: `round(batch_size * harmful_fraction)` harmful examples each.
 
-    Each class is reshuffled (with `seed`) every time it is exhausted, so both are seen evenly even
-    when one class is much larger than the other. Examples are drawn `pool_batches` batches at a
-    time and sorted by length within each class before they are cut into batches, so a batch holds
-    examples of similar length and pads little; the batch order is then shuffled.
+    A share `wrapped_fraction` of the batches holds only wrapped examples, the rest only plain
+    ones. Every (group, class) stream is reshuffled (with `seed`) each time it is exhausted, so
+    small classes are seen as often as large ones. Examples are drawn `pool_batches` batches at a
+    time and sorted by length within each stream before they are cut into batches, so a batch
+    holds examples of similar length and pads little; the batch order is then shuffled.
     """
-    by_label = {"harmful": [e for e in examples if e.label == "harmful"],
-                "benign": [e for e in examples if e.label == "benign"]}
+    if not 0.0 <= wrapped_fraction <= 1.0:
+        raise ValueError(f"wrapped_fraction={wrapped_fraction} is outside [0, 1]")
     n_harmful = int(round(batch_size * harmful_fraction))
     counts = {"harmful": n_harmful, "benign": batch_size - n_harmful}
-    for label, count in counts.items():
-        if count and not by_label[label]:
-            raise ValueError(f"no {label} training examples fit max_seq_len={max_seq_len}; "
-                             "raise data.max_seq_len or change data.harmful_fraction")
+    groups = {False: 1.0 - wrapped_fraction, True: wrapped_fraction}
+    streams = {}
+    for wrapped, share in groups.items():
+        if share == 0:
+            continue
+        for label, count in counts.items():
+            members = [e for e in examples if e.label == label and e.wrapped == wrapped]
+            if count and not members:
+                kind = "wrapped" if wrapped else "plain"
+                raise ValueError(
+                    f"no {kind} {label} training examples fit max_seq_len={max_seq_len}; raise "
+                    "data.max_seq_len, or change data.harmful_fraction or data.wrapped_fraction")
+            streams[(wrapped, label)] = members
     rng = np.random.default_rng(seed)
-    orders = {label: [] for label in by_label}
+    orders = {key: [] for key in streams}
 
-    def take(label: str) -> Example:
-        if not orders[label]:
-            orders[label] = list(rng.permutation(len(by_label[label])))
-        return by_label[label][orders[label].pop()]
+    def take(key) -> Example:
+        if not orders[key]:
+            orders[key] = list(rng.permutation(len(streams[key])))
+        return streams[key][orders[key].pop()]
 
     while True:
-        pools = {label: sorted((take(label) for _ in range(count * pool_batches)),
-                               key=lambda e: len(e.input_ids))
-                 for label, count in counts.items()}
         batches = []
-        for i in range(pool_batches):
-            chosen = [e for label, count in counts.items()
-                      for e in pools[label][i * count:(i + 1) * count]]
-            order = rng.permutation(len(chosen))
-            batches.append([chosen[j] for j in order])
-        for i in rng.permutation(pool_batches):
+        for wrapped, share in groups.items():
+            n_batches = int(round(pool_batches * share))
+            if n_batches == 0:
+                continue
+            pools = {label: sorted((take((wrapped, label)) for _ in range(count * n_batches)),
+                                   key=lambda e: len(e.input_ids))
+                     for label, count in counts.items()}
+            for i in range(n_batches):
+                chosen = [e for label, count in counts.items()
+                          for e in pools[label][i * count:(i + 1) * count]]
+                order = rng.permutation(len(chosen))
+                batches.append([chosen[j] for j in order])
+        for i in rng.permutation(len(batches)):
             yield pad_batch(batches[i], pad_id, pad_multiple, max_seq_len)

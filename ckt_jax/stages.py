@@ -192,9 +192,8 @@ def run_targets(ctx: Context) -> None:
 def training_rows(ctx: Context) -> list[dict]:
     """Prompt/reply rows: refusals for harmful prompts, base replies for benign ones.
 
-    A seeded share of each class is added a second time wrapped in an in-the-wild jailbreak
-    template, with the same target: the model must learn to judge the request inside the
-    wrapper, not the wrapper itself.
+    Each prompt also appears wrapped in a seeded in-the-wild jailbreak template, with the same
+    target, so the model learns to judge the request inside the wrapper rather than the wrapper.
     """
     cfg = ctx.config
     rng = np.random.default_rng(cfg.seed + 1)
@@ -215,20 +214,22 @@ def training_rows(ctx: Context) -> list[dict]:
                      "label": "benign", "complete": row["complete"]})
     wrapped = []
     for row in rows:
-        rate = cfg.data.harmful_wrap_rate if row["label"] == "harmful" else cfg.data.benign_wrap_rate
-        if rng.random() < rate:
-            template = wrappers[int(rng.integers(len(wrappers)))]
-            wrapped.append({**row, "prompt": templates.wrap(template, row["prompt"]),
-                            "id": row["id"] + "/wrapped"})
+        template = wrappers[int(rng.integers(len(wrappers)))]
+        wrapped.append({**row, "prompt": templates.wrap(template, row["prompt"]),
+                        "id": row["id"] + "/wrapped", "wrapped": True})
     return rows + wrapped
 
 
 def training_examples(ctx: Context) -> list[batching.Example]:
     rows = training_rows(ctx)
     examples, dropped = batching.tokenize_examples(ctx.tokenizer, rows, ctx.config.data.max_seq_len)
-    by_label = {label: sum(e.label == label for e in examples) for label in ("harmful", "benign")}
-    logging.info("training examples: %d harmful, %d benign (%d longer than %d tokens dropped)",
-                 by_label["harmful"], by_label["benign"], dropped, ctx.config.data.max_seq_len)
+    def count(label, wrapped):
+        return sum(e.label == label and e.wrapped == wrapped for e in examples)
+
+    logging.info("training examples: harmful %d plain + %d wrapped, benign %d plain + %d wrapped "
+                 "(%d longer than %d tokens dropped)", count("harmful", False),
+                 count("harmful", True), count("benign", False), count("benign", True), dropped,
+                 ctx.config.data.max_seq_len)
     return examples
 
 
@@ -258,7 +259,7 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
     batches = batching.balanced_batches(
         examples, section.batch_size, ctx.config.data.harmful_fraction,
         seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
-        max_seq_len=ctx.config.data.max_seq_len)
+        max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
     adapter_params, _, history = train_loop(
         step_fn=step_fn, adapter_params=adapter_params, opt_state=opt_state,
         frozen_params=frozen_params, batches=batches, num_steps=section.steps, rng=train_rng,

@@ -18,8 +18,8 @@ _spec.loader.exec_module(smollm2_cpu)
 
 def get_config():
     c = smollm2_cpu.get_config()
-    c.data.max_seq_len = 128
-    c.data.train_template_max_chars = 300
+    c.data.max_seq_len = 192
+    c.data.train_template_max_chars = 400
     c.data.max_benign_prompts = 8
     c.targets.max_new_tokens = 8
     c.targets.batch_size = 8

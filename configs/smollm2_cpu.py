@@ -25,8 +25,7 @@ def get_config() -> config_dict.ConfigDict:
     c.data.max_seq_len = 192                # Tokens; longer training examples are dropped (counted).
     c.data.max_target_tokens = 80           # Reply tokens scored per example (replies are <= 65).
     c.data.train_template_max_chars = 500   # Longest in-the-wild jailbreak template used in training.
-    c.data.harmful_wrap_rate = 0.35         # Share of harmful prompts also trained wrapped in a template.
-    c.data.benign_wrap_rate = 0.35          # Same for benign prompts (teaches intent, not the wrapper).
+    c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
 

@@ -51,3 +51,22 @@ def test_pad_batch_right_pads():
     np.testing.assert_array_equal(batch["input_ids"], [[5, 6, 7, 2], [5, 2, 2, 2]])
     np.testing.assert_array_equal(batch["attention_mask"], [[1, 1, 1, 0], [1, 0, 0, 0]])
     np.testing.assert_array_equal(batch["loss_mask"], [[0, 1, 1, 0], [1, 0, 0, 0]])
+
+
+def test_wrapped_batches_are_balanced():
+    rng = np.random.default_rng(1)
+    plain = make_examples(30, "harmful", rng) + make_examples(30, "benign", rng)
+    # Token 999 in second place marks a wrapped example.
+    wrapped = [Example(e.input_ids[:1] + (999,) + e.input_ids[2:], e.loss_mask, e.label,
+                       e.prompt_id + "/w", True)
+               for e in make_examples(12, "harmful", rng) + make_examples(5, "benign", rng)]
+    stream = balanced_batches(plain + wrapped, batch_size=4, harmful_fraction=0.5, seed=0,
+                              pad_id=0, max_seq_len=256, wrapped_fraction=0.5, pool_batches=8)
+    wrapped_batches = 0
+    for _ in range(32):
+        batch = next(stream)
+        in_wrapped = list(batch["input_ids"][:, 1] == 999)
+        assert all(in_wrapped) or not any(in_wrapped)  # one group per batch
+        wrapped_batches += all(in_wrapped)
+        assert int(np.sum(batch["input_ids"][:, 0] == 3)) == 2  # two harmful rows
+    assert wrapped_batches == 16
