@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ckt_jax.losses.divergences import forward_kl
+
 
 def l2_penalty(params) -> jax.Array:
     """`0.5 * sum ||w||^2` over every leaf of `params` (pass only the adapter tree), float32."""
@@ -40,3 +42,16 @@ def lora_delta_penalty(adapter_params, scale: float) -> jax.Array:
 
     visit(adapter_params)
     return 0.5 * scale**2 * total
+
+
+def kl_to_base(student_logits: jax.Array, base_logits: jax.Array,
+               temperature: float = 1.0) -> jax.Array:
+    """Forward KL from the base model to the student, `T^2 * KL(p_base || q_student)`, per position.
+
+    Keeps the student's next-token distribution close to the unadapted base model, so helpfulness
+    is preserved. Mask it to benign rows before reducing, because on harmful rows the student is
+    meant to move away from the base. This is the KL penalty to a reference policy used in RLHF
+    (Ouyang et al., "Training Language Models to Follow Instructions with Human Feedback", 2022),
+    taken here in the forward direction so the student keeps every token the base gives mass to.
+    """
+    return forward_kl(student_logits, base_logits, temperature)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ckt_jax.losses.divergences import symmetric_kl
+from ckt_jax.losses.divergences import forward_kl, symmetric_kl
 
 
 def length_scaled_noise(key: jax.Array, embeds_BxLxD: jax.Array, mask_BxL: jax.Array,
@@ -39,3 +39,17 @@ def consistency_loss(clean_logits: jax.Array, perturbed_logits: jax.Array,
     input changes do not change it (as in R-Drop and SMART).
     """
     return symmetric_kl(clean_logits, perturbed_logits, temperature)
+
+
+def teacher_consistency_loss(perturbed_student_logits: jax.Array, clean_teacher_logits: jax.Array,
+                             temperature: float = 1.0) -> jax.Array:
+    """Forward KL from the teacher's clean output to the student's perturbed output, per position.
+
+    `T^2 * KL(p_teacher(x) || q_student(x + delta))`, shape of the logits without the vocabulary
+    axis. Unlike `consistency_loss`, which ties the student's perturbed output to its own clean
+    output, this anchors it to the teacher, so the student cannot become consistent by drifting
+    away from the teacher on both passes. It is the smoothness-inducing term of SMART (Jiang et
+    al., "SMART", 2020) with the teacher's clean output in place of the model's own, taken in the
+    forward direction only.
+    """
+    return forward_kl(perturbed_student_logits, clean_teacher_logits, temperature)
