@@ -111,6 +111,41 @@ def test_bucket_kl_increases_toward_dense():
     np.testing.assert_allclose(previous, dense, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_exact_tail_matches_numpy_where_sum_rounds(temperature):
+    # The teacher leaves e^-15 / 6 outside its top-6, below float32 rounding of 1 - sum p, while
+    # the student's remainder is e^-175 / 6, so |log(p_rest / q_rest)| is large.
+    student = np.full((1, 2, 7), 175.0, np.float32)
+    teacher = np.full((1, 2, 7), 15.0, np.float32)
+    student[..., 0] = 0.0
+    teacher[..., 0] = 0.0
+    teacher[0, 1, 0] = -np.inf
+    indices, log_probs = losses.teacher_top_k(jnp.asarray(teacher), 6, temperature)
+
+    tail_log_mass = losses.teacher_tail_log_mass(jnp.asarray(teacher), indices, temperature)
+    expected_tail = np_log_softmax(teacher.astype(np.float64) / temperature)[..., 0]
+    np.testing.assert_allclose(np.asarray(tail_log_mass)[0, 0], expected_tail[0, 0], rtol=1e-6)
+    assert np.asarray(tail_log_mass)[0, 1] == -np.inf
+
+    got = losses.sparse_forward_kl(jnp.asarray(student), indices, log_probs, temperature,
+                                   teacher_tail_log_mass_BxL=tail_log_mass)
+    expected = np_sparse_kl(student, teacher, np.asarray(indices), temperature, "bucket")
+    # The top-6 terms carry float32 rounding of about 1e-7 (times T^2) however the tail is found.
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=2e-7 * temperature**2)
+    dense = losses.forward_kl(jnp.asarray(student), jnp.asarray(teacher), temperature)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(dense), rtol=1e-5,
+                               atol=2e-7 * temperature**2)
+
+    # Without the exact remainder the value is off by about 1e-7 * |log(p_rest / q_rest)|.
+    approximate = losses.sparse_forward_kl(jnp.asarray(student), indices, log_probs, temperature)
+    error_bound = 6 * 2 * np.finfo(np.float32).eps * (20 + 175 / temperature) * temperature**2
+    assert np.all(np.abs(np.asarray(approximate) - expected) <= error_bound)
+
+    with pytest.raises(ValueError, match="teacher_tail_log_mass shape"):
+        losses.sparse_forward_kl(jnp.asarray(student), indices, log_probs,
+                                 teacher_tail_log_mass_BxL=tail_log_mass[:, :1])
+
+
 def test_sparse_kl_infinite_when_student_masks_teacher_token():
     student, teacher = logits_pair(4)
     student[0, 0, np.argmax(teacher[0, 0])] = -np.inf

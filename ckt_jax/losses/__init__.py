@@ -39,7 +39,7 @@ from ckt_jax.losses.robustness import (
         length_scaled_noise,
         teacher_consistency_loss,
 )
-from ckt_jax.losses.sparse import sparse_forward_kl, teacher_top_k
+from ckt_jax.losses.sparse import sparse_forward_kl, teacher_tail_log_mass, teacher_top_k
 from ckt_jax.losses.supervised import next_token_cross_entropy
 
 __all__ = [
@@ -50,4 +50,5 @@ __all__ = [
         "CONTRASTIVE_HEAD", "ProjectionHead", "apply_projection_head", "info_nce",
         "init_projection_head", "pool_hidden", "relation_matching", "supervised_contrastive",
         "kl_to_base", "teacher_consistency_loss", "sparse_forward_kl", "teacher_top_k",
+        "teacher_tail_log_mass",
 ]

@@ -50,7 +50,7 @@ def project_to_ball(delta_BxLxD: jax.Array, epsilon: float, norm: str = "l2",
     Resistant to Adversarial Attacks", 2018). Returns the input's shape and dtype.
     """
     _check_norm(norm)
-    if not epsilon >= 0:
+    if isinstance(epsilon, (int, float)) and not epsilon >= 0:
         raise ValueError(f"epsilon={epsilon} is negative; pass a ball radius >= 0")
     mask_BxLx1 = _mask_or_ones(mask_BxL, delta_BxLxD.shape)[..., None]
     delta32_BxLxD = jnp.asarray(delta_BxLxD, jnp.float32) * mask_BxLx1
@@ -71,7 +71,7 @@ def _random_start(key, shape_BxLxD, mask_BxLx1, norm, init_scale):
 
 
 def _ascent_step(inner_loss_fn, delta_BxLxD, mask_BxLx1, dtype, epsilon, step_size, norm):
-    """One projected ascent step on `inner_loss_fn`, in float32."""
+    """Take one projected ascent step on `inner_loss_fn`, in float32."""
     grad_BxLxD = jax.grad(lambda d: inner_loss_fn(d.astype(dtype)))(delta_BxLxD)
     grad_BxLxD = jnp.asarray(grad_BxLxD, jnp.float32) * mask_BxLx1
     if norm == "l2":
@@ -86,7 +86,9 @@ def _check_ascent_args(embeds_BxLxD, epsilon, step_size, steps, norm, init_scale
     _check_norm(norm)
     if embeds_BxLxD.ndim != 3:
         raise ValueError(f"embeds shape {embeds_BxLxD.shape} is not B x L x D")
-    if not epsilon >= 0 or not step_size >= 0 or not init_scale >= 0:
+    # Traced values (such as a scheduled epsilon under jit) are not checked.
+    scalars = [x for x in (epsilon, step_size, init_scale) if isinstance(x, (int, float))]
+    if any(not x >= 0 for x in scalars):
         raise ValueError(f"epsilon={epsilon}, step_size={step_size} and init_scale={init_scale} "
                          "must all be >= 0")
     if steps < 1:

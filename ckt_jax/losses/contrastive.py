@@ -39,7 +39,8 @@ _NORM_EPS = 1e-12
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
+    """Raise ValueError for a non-positive Python number; a traced temperature is not checked."""
+    if isinstance(temperature, (int, float)) and not temperature > 0:
         raise ValueError(f"temperature={temperature} is not positive; pass a temperature > 0")
 
 
