@@ -58,13 +58,17 @@ def tokenize_examples(tokenizer, rows: Sequence[dict], max_seq_len: int,
 
 def pad_batch(examples: Sequence[Example], pad_id: int, pad_multiple: int,
               max_seq_len: int) -> dict[str, np.ndarray]:
-    """Right-pad examples into int32 arrays `input_ids`, `attention_mask`, `loss_mask` (B x L)."""
+    """Right-pad examples into int32 arrays `input_ids`, `attention_mask`, `loss_mask` (B x L).
+
+    Also returns `is_harmful` (B), 1 for harmful examples.
+    """
     longest = max(len(e.input_ids) for e in examples)
     length = min(max_seq_len, int(math.ceil(longest / pad_multiple) * pad_multiple))
     batch = {
         "input_ids": np.full((len(examples), length), pad_id, np.int32),
         "attention_mask": np.zeros((len(examples), length), np.int32),
         "loss_mask": np.zeros((len(examples), length), np.int32),
+        "is_harmful": np.asarray([e.label == "harmful" for e in examples], np.int32),
     }
     for row, example in enumerate(examples):
         n = len(example.input_ids)

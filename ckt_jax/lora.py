@@ -1,7 +1,8 @@
 """LoRA adapters: splitting parameter trees, the adapter-only optimizer, and merging.
 
 The Llama module stores each adapted projection as `{"kernel", "lora_a", "lora_b"}`, so a leaf is
-an adapter leaf exactly when its name is `lora_a` or `lora_b`. Training keeps two trees:
+an adapter leaf when its name is `lora_a` or `lora_b`, or when it sits under the top-level
+`contrastive_head` group (the projection head of the contrastive term). Training keeps two trees:
 
     adapter_params  the LoRA leaves; the only leaves that receive gradients;
     frozen_params   everything else; wrapped in `jax.lax.stop_gradient` inside the loss.
@@ -23,6 +24,8 @@ import optax
 from flax import traverse_util
 
 ADAPTER_LEAF_NAMES = ("lora_a", "lora_b")
+# Top-level parameter groups that train with the adapters (the contrastive projection head).
+ADAPTER_GROUPS = ("contrastive_head",)
 ADAPTER_LABEL = "adapter"
 FROZEN_LABEL = "frozen"
 
@@ -30,8 +33,8 @@ Params = dict[str, Any]
 
 
 def is_adapter_path(path: tuple[str, ...]) -> bool:
-    """Return whether a flattened parameter path names a LoRA leaf."""
-    return path[-1] in ADAPTER_LEAF_NAMES
+    """Return whether a flattened parameter path names a trainable (adapter) leaf."""
+    return path[-1] in ADAPTER_LEAF_NAMES or path[0] in ADAPTER_GROUPS
 
 
 def split_params(params: Params) -> tuple[Params, Params]:

@@ -45,6 +45,7 @@ def parse_stages(text: str) -> list[str]:
 
 def run(config, workdir_path: str) -> None:
     selected = parse_stages(config.stages)
+    stages.validate_config(config)
     ctx = stages.Context(config=config, root=workdir.prepare_workdir(workdir_path))
     logging.info("work directory %s, stages %s", ctx.root, ",".join(selected))
     runners = {"data": stages.run_data, "targets": stages.run_targets,

@@ -2,11 +2,12 @@
 
 `build_objective` returns `loss_fn(adapter_params, frozen_params, batch, rng) -> (loss, aux)`:
 
-  adapter_params  the LoRA leaves being trained;
+  adapter_params  the trained leaves: LoRA pairs, plus `contrastive_head` when the contrastive
+                  projection head is on;
   frozen_params   {"backbone": student backbone, "teacher": teacher params (only if a term needs
                   it)}; wrapped in `stop_gradient`, so no gradient reaches them;
-  batch           {"input_ids", "attention_mask", "loss_mask"}, int32 `B x L`; `loss_mask` marks
-                  the reply tokens (the targets);
+  batch           {"input_ids", "attention_mask", "loss_mask"} int32 `B x L`, where `loss_mask`
+                  marks the reply tokens (the targets), and "is_harmful" int32 `B`;
   rng             a `jax.random` key, split here for every stochastic term.
 
 `aux` holds every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
@@ -17,12 +18,18 @@ of each row that predict a reply token are gathered from the final hidden states
 output projection. The full `B x L x V` logits are never used, so XLA drops them, which cuts the
 vocabulary-side work (projection, softmax, divergence) by `L / max_target_tokens`.
 
-Terms:
-  ce           next-token cross-entropy on reply tokens (teacher fine-tuning, SFT baseline);
-  kd           divergence between teacher and student next-token distributions on reply tokens;
-  consistency  symmetric KL between the student's clean outputs and its outputs on embeddings
-               perturbed with length-scaled noise, on reply tokens;
-  l2           0.5 * squared Frobenius norm of the weight change `scale * A @ B` of every LoRA pair.
+Terms (per-token terms are averaged over the scored reply positions):
+  ce            next-token cross-entropy on reply tokens (teacher fine-tuning, SFT baseline);
+  kd            divergence between teacher and student next-token distributions;
+  contrastive   InfoNCE between pooled student and teacher representations of the same input,
+                with the other inputs of the batch as negatives;
+  relation      label-aware term: the student's pairwise similarities between inputs match the
+                teacher's (relation matching), or supervised contrastive over harmful/benign;
+  consistency   divergence between the student's clean outputs and its outputs on embeddings
+                perturbed with length-scaled random noise (or the teacher's clean outputs);
+  adversarial   the same consistency on embeddings perturbed adversarially (SMART or FreeLB);
+  base_kl       KL from the frozen base model to the student on benign rows (keeps helpfulness);
+  l2            0.5 * squared Frobenius norm of the weight change `scale * A @ B` of every LoRA pair.
 """
 
 from __future__ import annotations
@@ -38,38 +45,75 @@ from ckt_jax.lora import combine_params
 from ckt_jax.model import Llama
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+HEAD_KEY = "contrastive_head"
+POOLINGS = ("last_prompt", "reply_mean")
+RELATION_METHODS = ("relation", "supcon")
+CONSISTENCY_TARGETS = ("student", "teacher")
+ADVERSARIAL_MODES = ("smart", "freelb")
+WEIGHTS = ("ce_weight", "kd_weight", "contrastive_weight", "relation_weight",
+           "consistency_weight", "adversarial_weight", "base_kl_weight", "l2_weight")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     ce_weight: float = 0.0
     kd_weight: float = 0.0
+    contrastive_weight: float = 0.0
+    relation_weight: float = 0.0
     consistency_weight: float = 0.0
+    adversarial_weight: float = 0.0
+    base_kl_weight: float = 0.0
     l2_weight: float = 0.0
-    divergence: str = "forward_kl"
-    temperature: float = 1.0
-    noise_alpha: float = 5.0
+
+    divergence: str = "forward_kl"   # Key of losses.DIVERGENCES, for the kd term.
+    temperature: float = 1.0         # Softmax temperature of the kd term.
+    max_target_tokens: int = 96      # Reply positions scored per row; later ones are ignored.
+
+    contrastive_temperature: float = 0.1
+    contrastive_pooling: str = "last_prompt"   # The position that predicts the first reply token.
+    contrastive_symmetric: bool = True
+    contrastive_projection: bool = False       # Train a projection head on student features.
+    relation_method: str = "relation"          # "relation" (teacher geometry) or "supcon".
+
+    noise_alpha: float = 5.0         # Random noise magnitude alpha / sqrt(length * hidden).
     noise_distribution: str = "gaussian"
-    max_target_tokens: int = 96   # Reply positions scored per row; later ones are ignored.
+    consistency_target: str = "student"        # Match the clean "student" or clean "teacher".
+
+    adversarial_mode: str = "smart"
+    adversarial_steps: int = 1
+    adversarial_epsilon: float = 1.0           # Radius of the perturbation ball.
+    adversarial_step_size: float = 0.5
+    adversarial_norm: str = "l2"               # "l2" (per sequence) or "linf" (per element).
 
     def __post_init__(self):
-        if self.divergence not in losses.DIVERGENCES:
-            raise ValueError(
-                f"divergence={self.divergence!r} is unknown; use one of "
-                f"{', '.join(sorted(losses.DIVERGENCES))}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
-        for name in ("ce_weight", "kd_weight", "consistency_weight", "l2_weight"):
+        choices = {"divergence": tuple(losses.DIVERGENCES), "contrastive_pooling": POOLINGS,
+                   "relation_method": RELATION_METHODS,
+                   "consistency_target": CONSISTENCY_TARGETS,
+                   "adversarial_mode": ADVERSARIAL_MODES, "adversarial_norm": ("l2", "linf"),
+                   "noise_distribution": ("gaussian", "uniform")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of "
+                                 f"{', '.join(sorted(allowed))}")
+        for name in WEIGHTS:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("temperature", "contrastive_temperature", "adversarial_epsilon",
+                     "adversarial_step_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.max_target_tokens < 1:
             raise ValueError(f"max_target_tokens={self.max_target_tokens} must be >= 1")
-        if self.ce_weight + self.kd_weight + self.consistency_weight == 0:
+        if self.adversarial_steps < 1:
+            raise ValueError(f"adversarial_steps={self.adversarial_steps} must be >= 1")
+        if sum(getattr(self, name) for name in WEIGHTS if name != "l2_weight") == 0:
             raise ValueError("every data term has weight 0; set ce_weight or kd_weight > 0")
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd_weight > 0
+        return (self.kd_weight > 0 or self.contrastive_weight > 0 or self.relation_weight > 0
+                or (self.consistency_weight > 0 and self.consistency_target == "teacher")
+                or (self.adversarial_weight > 0 and self.consistency_target == "teacher"))
 
 
 def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
@@ -86,11 +130,33 @@ def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
     return positions_BxK, valid_BxK.astype(jnp.float32)
 
 
-def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig) -> LossFn:
-    """Build the pure loss function of the student `student` (a LoRA model) for `cfg`."""
+def pool_representation(hidden_BxKxD: jax.Array, valid_BxK: jax.Array, pooling: str) -> jax.Array:
+    """Pool gathered reply-position hidden states into one vector per input, `B x D`.
+
+    `last_prompt` takes the first scored position, which is the last prompt token: the state
+    from which the model decides whether to answer or refuse. `reply_mean` averages over the
+    valid reply positions.
+    """
+    if pooling == "last_prompt":
+        return hidden_BxKxD[:, 0, :]
+    weights = valid_BxK / jnp.maximum(jnp.sum(valid_BxK, axis=1, keepdims=True), 1.0)
+    return jnp.einsum("bk,bkd->bd", weights, hidden_BxKxD)
+
+
+def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
+                    head: Any | None = None) -> LossFn:
+    """Build the pure loss function of the student `student` (a LoRA model) for `cfg`.
+
+    `head` is the flax module of the contrastive projection head (needed when
+    `cfg.contrastive_projection` is on); its parameters are `adapter_params["contrastive_head"]`.
+    """
     if cfg.needs_teacher and teacher is None:
-        raise ValueError("kd_weight > 0 needs a teacher model")
+        raise ValueError("this objective needs a teacher model (kd, contrastive, relation or a "
+                         "teacher consistency target is on)")
+    if cfg.contrastive_projection and head is None:
+        raise ValueError("contrastive_projection is on but no projection head module was given")
     divergence = losses.DIVERGENCES[cfg.divergence]
+    base_model = Llama(student.config, dtype=student.dtype, param_dtype=student.param_dtype)
 
     def project(model, params, hidden_BxKxD):
         return model.apply({"params": params}, hidden_BxKxD, method="project")
@@ -100,18 +166,28 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
 
     def loss_fn(adapter_params, frozen_params, batch, rng):
         frozen_params = jax.lax.stop_gradient(frozen_params)
+        adapter_params = dict(adapter_params)
+        head_params = adapter_params.pop(HEAD_KEY, None)
         params = combine_params(adapter_params, frozen_params["backbone"])
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         target_mask = losses.next_token_mask(batch["loss_mask"])
         positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
+        terms: dict[str, jax.Array] = {}
 
         out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
-        student_logits = project(student, params, gather(out.hidden_BxLxD, positions))
-        terms: dict[str, jax.Array] = {}
-        weights = {"ce": cfg.ce_weight, "kd": cfg.kd_weight,
-                   "consistency": cfg.consistency_weight, "l2": cfg.l2_weight}
+        student_hidden = gather(out.hidden_BxLxD, positions)
+        student_logits = project(student, params, student_hidden)
 
+        teacher_hidden = teacher_logits = None
+        if cfg.needs_teacher:
+            teacher_params = frozen_params["teacher"]
+            teacher_out = teacher.apply({"params": teacher_params}, input_ids,
+                                        attention_mask_BxL=attention_mask)
+            teacher_hidden = gather(teacher_out.hidden_BxLxD, positions)
+            teacher_logits = project(teacher, teacher_params, teacher_hidden)
+
+        # ---- distillation ----------------------------------------------------------------
         if cfg.ce_weight > 0:
             # The target of position t is token t + 1.
             next_ids = jnp.take_along_axis(
@@ -121,28 +197,85 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig)
             terms["ce"] = losses.per_token_mean(nll, valid)
 
         if cfg.kd_weight > 0:
-            teacher_params = frozen_params["teacher"]
-            teacher_out = teacher.apply({"params": teacher_params}, input_ids,
-                                        attention_mask_BxL=attention_mask)
-            teacher_logits = project(teacher, teacher_params,
-                                              gather(teacher_out.hidden_BxLxD, positions))
             per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
             terms["kd"] = losses.per_token_mean(per_token, valid)
 
+        if cfg.contrastive_weight > 0 or cfg.relation_weight > 0:
+            student_repr = pool_representation(student_hidden, valid, cfg.contrastive_pooling)
+            teacher_repr = pool_representation(teacher_hidden, valid, cfg.contrastive_pooling)
+            if cfg.contrastive_projection:
+                student_repr = head.apply({"params": head_params}, student_repr)
+            if cfg.contrastive_weight > 0:
+                per_example = losses.info_nce(student_repr, teacher_repr,
+                                              temperature=cfg.contrastive_temperature,
+                                              symmetric=cfg.contrastive_symmetric)
+                terms["contrastive"] = jnp.mean(per_example)
+            if cfg.relation_weight > 0:
+                if cfg.relation_method == "relation":
+                    terms["relation"] = losses.relation_matching(student_repr, teacher_repr)
+                else:
+                    terms["relation"] = jnp.mean(losses.supervised_contrastive(
+                        student_repr, batch["is_harmful"],
+                        temperature=cfg.contrastive_temperature))
+
+        # ---- robustness ------------------------------------------------------------------
+        needs_embeds = cfg.consistency_weight > 0 or cfg.adversarial_weight > 0
+        if needs_embeds:
+            embeds = student.apply({"params": params}, input_ids, method="embed")
+            reference = teacher_logits if cfg.consistency_target == "teacher" else student_logits
+
+            def perturbed_logits(delta_BxLxD):
+                noisy = student.apply({"params": params}, inputs_embeds_BxLxD=embeds + delta_BxLxD,
+                                      attention_mask_BxL=attention_mask)
+                return project(student, params, gather(noisy.hidden_BxLxD, positions))
+
+            def consistency(perturbed, target):
+                if cfg.consistency_target == "teacher":
+                    per_token = losses.teacher_consistency_loss(perturbed, target)
+                else:
+                    per_token = losses.consistency_loss(target, perturbed)
+                return losses.per_token_mean(per_token, valid)
+
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
-            embeds = student.apply({"params": params}, input_ids, method="embed")
             noise = losses.length_scaled_noise(noise_key, embeds, attention_mask, cfg.noise_alpha,
                                                cfg.noise_distribution)
-            noisy = student.apply({"params": params}, inputs_embeds_BxLxD=embeds + noise,
-                                  attention_mask_BxL=attention_mask)
-            noisy_logits = project(student, params, gather(noisy.hidden_BxLxD, positions))
-            per_token = losses.consistency_loss(student_logits, noisy_logits)
-            terms["consistency"] = losses.per_token_mean(per_token, valid)
+            terms["consistency"] = consistency(perturbed_logits(noise), reference)
+
+        if cfg.adversarial_weight > 0:
+            adv_key, rng = jax.random.split(rng)
+            fixed_reference = jax.lax.stop_gradient(reference)
+
+            def inner(delta):
+                return consistency(perturbed_logits(delta), fixed_reference)
+
+            def outer(delta):
+                return consistency(perturbed_logits(delta), reference)
+
+            ball = dict(epsilon=cfg.adversarial_epsilon, step_size=cfg.adversarial_step_size,
+                        steps=cfg.adversarial_steps, norm=cfg.adversarial_norm)
+            if cfg.adversarial_mode == "smart":
+                delta = losses.adversarial_perturbation(inner, embeds, attention_mask, adv_key,
+                                                        **ball)
+                terms["adversarial"] = outer(delta)
+            else:
+                terms["adversarial"] = losses.freelb_average_loss(
+                    outer, inner, embeds, attention_mask, adv_key, **ball)
+
+        # ---- regularization --------------------------------------------------------------
+        if cfg.base_kl_weight > 0:
+            base_out = base_model.apply({"params": frozen_params["backbone"]}, input_ids,
+                                        attention_mask_BxL=attention_mask)
+            base_logits = project(base_model, frozen_params["backbone"],
+                                  gather(base_out.hidden_BxLxD, positions))
+            benign_B = 1.0 - batch["is_harmful"].astype(jnp.float32)
+            per_token = losses.kl_to_base(student_logits, base_logits)
+            terms["base_kl"] = losses.per_token_mean(per_token, valid * benign_B[:, None])
 
         if cfg.l2_weight > 0:
             terms["l2"] = losses.lora_delta_penalty(adapter_params, student.lora.scale)
 
+        weights = {name[:-len("_weight")]: getattr(cfg, name) for name in WEIGHTS}
         total = sum(weights[name] * value for name, value in terms.items())
         aux = {f"loss/{name}": value for name, value in terms.items()}
         aux.update({f"weight/{name}": jnp.float32(weights[name]) for name in terms})

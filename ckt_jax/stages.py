@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -23,9 +24,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import config_dict
 
-from ckt_jax import batching, lora, metrics, workdir
+from ckt_jax import batching, lora, losses, metrics, workdir
 from ckt_jax.data import builder as data_builder
-from ckt_jax.data import refusals, templates
+from ckt_jax.data import refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
 from ckt_jax.loading import find_smollm2_gguf, load_model
 from ckt_jax.model import Llama, LlamaConfig, LoraConfig
@@ -38,6 +39,24 @@ STAGES = ("data", "targets", "teacher", "distill", "eval", "report")
 EVAL_SPLITS = ("eval_harmful", "eval_jailbreak", "eval_benign_sensitive", "eval_jailbreak_benign")
 TRAIN_SPLITS = ("train_harmful", "train_benign")
 TEACHER_DIR_FILE = "teacher_adapters"
+
+
+def validate_config(config) -> None:
+    """Reject config values that would only fail deep inside a stage."""
+    name = str(config.student_name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("base", "teacher"):
+        raise ValueError(f"config.student_name={name!r} is invalid; use letters, digits, '_', "
+                         "'.' or '-', and neither 'base' nor 'teacher'")
+    if not 0.0 <= config.data.wrapped_fraction <= 1.0:
+        raise ValueError(f"config.data.wrapped_fraction={config.data.wrapped_fraction} is "
+                         "outside [0, 1]")
+    if not 0.0 < config.data.harmful_fraction < 1.0:
+        raise ValueError(f"config.data.harmful_fraction={config.data.harmful_fraction} must be "
+                         "strictly between 0 and 1, so batches hold both classes")
+    for section in ("teacher_train", "distill"):
+        for field in ("steps", "batch_size", "lora_rank"):
+            if config[section][field] < 1:
+                raise ValueError(f"config.{section}.{field}={config[section][field]} must be >= 1")
 
 
 def resolve_model_spec(spec: str) -> pathlib.Path:
@@ -88,6 +107,16 @@ class Context:
 
     def stage_dir(self, name: str) -> pathlib.Path:
         return self.root / name
+
+    @property
+    def student_name(self) -> str:
+        return self.config.student_name
+
+    @property
+    def student_dir(self) -> pathlib.Path:
+        # Students trained with different objectives share data, targets and teacher, each
+        # under its own name.
+        return self.root / "students" / self.student_name
 
 
 def _config_record(config, *fields: str) -> dict:
@@ -194,6 +223,8 @@ def training_rows(ctx: Context) -> list[dict]:
 
     Each prompt also appears wrapped in a seeded in-the-wild jailbreak template, with the same
     target, so the model learns to judge the request inside the wrapper rather than the wrapper.
+    Text noise (typos, casing, whitespace) at the rates in `data.text_noise` is applied to the
+    request before wrapping; the targets stay clean.
     """
     cfg = ctx.config
     rng = np.random.default_rng(cfg.seed + 1)
@@ -212,6 +243,11 @@ def training_rows(ctx: Context) -> list[dict]:
     for row in workdir.read_jsonl(replies_path):
         rows.append({"id": row["id"], "prompt": row["prompt"], "reply": row["reply"],
                      "label": "benign", "complete": row["complete"]})
+    noise = cfg.data.text_noise
+    if noise.typo_rate or noise.case_rate or noise.whitespace_rate:
+        noise_rng = np.random.default_rng(cfg.seed + 2)
+        for row in rows:
+            row["prompt"] = text_noise.apply_text_noise(row["prompt"], noise, noise_rng)
     wrapped = []
     for row in rows:
         template = wrappers[int(rng.integers(len(wrappers)))]
@@ -249,12 +285,21 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
     dummy = jnp.zeros((1, 8), jnp.int32)
     adapter_params = lora.init_adapter_params(
         lambda r: student.init(r, dummy)["params"], init_rng)
+    head = None
+    if objective.contrastive_projection:
+        # The head maps student features into the teacher's feature space.
+        teacher_width = teacher.config.hidden_size
+        head = losses.ProjectionHead(features=teacher_width,
+                                     hidden_features=section.contrastive_projection_hidden or None)
+        head_rng = jax.random.fold_in(init_rng, 1)
+        adapter_params = {**adapter_params, **losses.init_projection_head(
+            head, head_rng, model_config.hidden_size)}
     logging.info("%s: %d adapter parameters (LoRA rank %d on %s), backbone frozen", name,
                  lora.count_params(adapter_params), lora_config.rank, ",".join(lora_config.targets))
     schedule = lora.warmup_cosine(section.learning_rate, section.steps, section.warmup_steps)
     optimizer = lora.make_adapter_optimizer(schedule)
     opt_state = optimizer.init(adapter_params)
-    loss_fn = build_objective(student, teacher, objective)
+    loss_fn = build_objective(student, teacher, objective, head=head)
     step_fn = make_train_step(loss_fn, optimizer)
     batches = batching.balanced_batches(
         examples, section.batch_size, ctx.config.data.harmful_fraction,
@@ -345,15 +390,14 @@ def _merged(ctx: Context, adapter_dir: pathlib.Path, section):
 # --------------------------------------------------------------------------------------------
 
 def distill_objective(config) -> ObjectiveConfig:
-    d = config.distill
-    return ObjectiveConfig(
-        kd_weight=d.kd_weight, consistency_weight=d.consistency_weight, l2_weight=d.l2_weight,
-        divergence=d.divergence, temperature=d.temperature, noise_alpha=d.noise_alpha,
-        noise_distribution=d.noise_distribution, max_target_tokens=config.data.max_target_tokens)
+    """The student's objective: every `config.distill` field that names an ObjectiveConfig field."""
+    known = {field.name for field in dataclasses.fields(ObjectiveConfig)}
+    settings = {k: v for k, v in config.distill.items() if k in known}
+    return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens)
 
 
 def run_distill(ctx: Context) -> None:
-    out_dir = ctx.stage_dir("student")
+    out_dir = ctx.student_dir
     record = _distill_record(ctx.config)
     if workdir.stage_done(out_dir, record):
         logging.info("distill: reusing %s", out_dir)
@@ -374,7 +418,7 @@ def run_distill(ctx: Context) -> None:
 
 
 def student_params(ctx: Context):
-    out_dir = ctx.stage_dir("student")
+    out_dir = ctx.student_dir
     if not (out_dir / "stage.json").exists():
         raise FileNotFoundError(f"no student in {out_dir}; run the 'distill' stage first")
     return _merged(ctx, out_dir / "adapters", ctx.config.distill)
@@ -412,6 +456,7 @@ def _stable_hash(text: str) -> int:
 
 
 def _model_for_eval(ctx: Context, name: str) -> tuple[LlamaConfig, Any]:
+    """Return (config, params) of `base`, `teacher` or the configured student."""
     if name == "base":
         return ctx.base
     if name == "teacher":
@@ -421,10 +466,11 @@ def _model_for_eval(ctx: Context, name: str) -> tuple[LlamaConfig, Any]:
 
 def run_eval(ctx: Context) -> None:
     eval_dir = _eval_dir(ctx)
-    upstream = {"teacher": _teacher_record(ctx.config), "student": _distill_record(ctx.config)}
+    upstream = {"teacher": _teacher_record(ctx.config),
+                ctx.student_name: _distill_record(ctx.config)}
     subsets = eval_subsets(ctx)
     cfg = ctx.config.eval
-    for name in ("base", "teacher", "student"):
+    for name in ("base", "teacher", ctx.student_name):
         model_dir = eval_dir / name
         record = {"eval": cfg.to_dict(), "model": upstream.get(name, {"model": ctx.config.model})}
         if workdir.stage_done(model_dir, record):
@@ -443,7 +489,7 @@ def run_eval(ctx: Context) -> None:
         refused = {split: [g["refused"] for g in generations if g["split"] == split]
                    for split in EVAL_SPLITS}
         result = metrics.safety_metrics(refused)
-        if name == "student":
+        if name == ctx.student_name:
             result.update(_distillation_metrics(ctx, eval_dir, subsets, params))
         workdir.write_json(model_dir / "metrics.json", result)
         workdir.mark_stage_done(model_dir, record, result)
@@ -454,7 +500,7 @@ def run_eval(ctx: Context) -> None:
 def _distillation_metrics(ctx: Context, eval_dir: pathlib.Path, subsets, student) -> dict:
     """Teacher-forced top-1 agreement on the teacher's own replies, and decision agreement."""
     teacher_rows = workdir.read_jsonl(eval_dir / "teacher" / "generations.jsonl")
-    student_rows = workdir.read_jsonl(eval_dir / "student" / "generations.jsonl")
+    student_rows = workdir.read_jsonl(eval_dir / ctx.student_name / "generations.jsonl")
     decision_agreement = metrics.mean_or_nan(
         [t["refused"] == s["refused"] for t, s in zip(teacher_rows, student_rows)])
 
@@ -500,7 +546,10 @@ REPORT_COLUMNS = ("overall_safety_score",) + metrics.SAFETY_COMPONENTS + ("kd_to
 def run_report(ctx: Context) -> dict:
     eval_dir = _eval_dir(ctx)
     models = {}
-    for name in ("base", "teacher", "student"):
+    # Base, teacher, then every student evaluated with these eval settings, this config's first.
+    fixed = ("base", "teacher", ctx.student_name)
+    others = sorted(p.name for p in eval_dir.iterdir() if p.is_dir() and p.name not in fixed)
+    for name in ["base", "teacher", ctx.student_name] + others:
         path = eval_dir / name / "metrics.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing; run the 'eval' stage first")

@@ -17,6 +17,7 @@ def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.model = "smollm2"            # "smollm2" (the packaged GGUF), a .gguf path or an HF directory.
     c.teacher = ""                 # "" trains the teacher; else a .gguf, HF directory or ckt_jax teacher dir.
+    c.student_name = "student"     # Name of the distilled student (its directory and report row).
     c.stages = "data,targets,teacher,distill,eval,report"  # comma-separated subset, run in this order.
     c.seed = 0                     # Root PRNG seed; every stage derives its own key from it.
     c.log_every = 5                # Steps between training log lines.
@@ -27,6 +28,10 @@ def get_config() -> config_dict.ConfigDict:
     c.data.train_template_max_chars = 500   # Longest in-the-wild jailbreak template used in training.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
+    c.data.text_noise = config_dict.ConfigDict()
+    c.data.text_noise.typo_rate = 0.0        # Share of letters given a typo (swap, drop, insert, replace).
+    c.data.text_noise.case_rate = 0.0        # Share of letters with flipped case.
+    c.data.text_noise.whitespace_rate = 0.0  # Share of spaces doubled, turned into newlines or dropped.
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
 
     c.targets = config_dict.ConfigDict()
@@ -37,26 +42,45 @@ def get_config() -> config_dict.ConfigDict:
     c.teacher_train.lora_rank = 32
     c.teacher_train.lora_alpha = 32.0
     c.teacher_train.lora_targets = "q,k,v,o,gate,up,down"
-    c.teacher_train.steps = 50
+    c.teacher_train.steps = 60
     c.teacher_train.batch_size = 8
-    c.teacher_train.learning_rate = 1e-3   # Peak of a warm-up + cosine schedule.
-    c.teacher_train.warmup_steps = 5
+    c.teacher_train.learning_rate = 2e-3   # Peak of a warm-up + cosine schedule.
+    c.teacher_train.warmup_steps = 6
 
     c.distill = config_dict.ConfigDict()
     c.distill.lora_rank = 8
     c.distill.lora_alpha = 16.0
     c.distill.lora_targets = "q,k,v,o"
-    c.distill.steps = 36
+    c.distill.steps = 30
     c.distill.batch_size = 8
-    c.distill.learning_rate = 1.5e-3
-    c.distill.warmup_steps = 4
+    c.distill.learning_rate = 3e-3
+    c.distill.warmup_steps = 3
+    # Objective weights; 0 switches a term off (and skips its computation).
+    c.distill.kd_weight = 1.0             # Teacher-to-student divergence on reply tokens.
+    c.distill.contrastive_weight = 0.0    # InfoNCE between student and teacher representations.
+    c.distill.relation_weight = 0.0       # Label-aware term (relation matching or supcon).
+    c.distill.consistency_weight = 0.5    # Clean vs. randomly perturbed student outputs.
+    c.distill.adversarial_weight = 0.0    # Clean vs. adversarially perturbed student outputs.
+    c.distill.base_kl_weight = 0.0        # KL from the frozen base model on benign rows.
+    c.distill.ce_weight = 0.0             # Cross-entropy on the reply tokens (SFT).
+    c.distill.l2_weight = 1e-4            # 0.5 * squared norm of each LoRA weight change.
+    # Term settings.
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
-    c.distill.temperature = 2.0           # Softmax temperature of both distributions (loss scaled T^2).
-    c.distill.kd_weight = 1.0
+    c.distill.temperature = 1.0           # Softmax temperature of both distributions (loss * T^2).
+    c.distill.contrastive_temperature = 0.1
+    c.distill.contrastive_pooling = "last_prompt"  # last_prompt or reply_mean.
+    c.distill.contrastive_symmetric = True
+    c.distill.contrastive_projection = False  # Train a head mapping student to teacher features.
+    c.distill.contrastive_projection_hidden = 0  # Hidden width of that head; 0 = one linear map.
+    c.distill.relation_method = "relation"    # relation (teacher's similarities) or supcon.
     c.distill.noise_alpha = 5.0           # Embedding noise magnitude alpha / sqrt(length * hidden).
     c.distill.noise_distribution = "gaussian"  # gaussian or uniform.
-    c.distill.consistency_weight = 0.5    # Symmetric KL between clean and noisy student outputs.
-    c.distill.l2_weight = 1e-4            # 0.5 * squared norm of each LoRA weight change (scale * A @ B).
+    c.distill.consistency_target = "student"   # Match the clean student or the clean teacher.
+    c.distill.adversarial_mode = "smart"  # smart (final perturbation) or freelb (averaged).
+    c.distill.adversarial_steps = 1       # Ascent steps per training step.
+    c.distill.adversarial_epsilon = 1.0   # Ball radius (L2 per sequence, or per element for linf).
+    c.distill.adversarial_step_size = 0.5
+    c.distill.adversarial_norm = "l2"     # l2 or linf.
 
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.

@@ -35,7 +35,9 @@ def tiny_batch(seed=0, batch=4, length=16):
     attention[0, 12:] = 0   # a right-padded row
     loss_mask = np.zeros((batch, length), np.int32)
     loss_mask[:, 6:12] = 1
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask}
+    is_harmful = np.asarray([1, 0] * (batch // 2) + [1] * (batch % 2), np.int32)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask,
+            "is_harmful": is_harmful}
 
 
 def full_objective():
@@ -132,3 +134,49 @@ def test_gathered_ce_equals_full_ce():
     nll = losses.next_token_cross_entropy(logits, jnp.asarray(batch["input_ids"]))
     full = losses.per_token_mean(nll, losses.next_token_mask(jnp.asarray(batch["loss_mask"])))
     np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)
+
+
+def every_term_objective(**overrides):
+    settings = dict(ce_weight=0.1, kd_weight=1.0, contrastive_weight=0.2, relation_weight=0.2,
+                    consistency_weight=0.5, adversarial_weight=0.5, base_kl_weight=0.1,
+                    l2_weight=1e-3, temperature=2.0, contrastive_projection=True)
+    settings.update(overrides)
+    return ObjectiveConfig(**settings)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"relation_method": "supcon", "adversarial_mode": "freelb", "adversarial_steps": 2,
+     "consistency_target": "teacher", "adversarial_norm": "linf", "divergence": "jsd"},
+])
+def test_every_term_trains_adapters_only(overrides):
+    from ckt_jax import losses
+
+    student, adapters, backbone, teacher_params = tiny_setup()
+    head = losses.ProjectionHead(features=TINY.hidden_size, hidden_features=16)
+    adapters = {**adapters, **losses.init_projection_head(head, jax.random.PRNGKey(5),
+                                                          TINY.hidden_size)}
+    cfg = every_term_objective(**overrides)
+    loss_fn = build_objective(student, Llama(TINY), cfg, head=head)
+    frozen = {"backbone": backbone, "teacher": teacher_params}
+    batch = tiny_batch()
+
+    def total(adapter_params, frozen_params):
+        return loss_fn(adapter_params, frozen_params, batch, jax.random.PRNGKey(0))
+
+    (loss, aux), (adapter_grads, frozen_grads) = jax.value_and_grad(
+        total, argnums=(0, 1), has_aux=True)(adapters, frozen)
+    expected = {"ce", "kd", "contrastive", "relation", "consistency", "adversarial", "base_kl",
+                "l2"}
+    assert {k.split("/", 1)[1] for k in aux if k.startswith("loss/")} == expected
+    for name in expected:
+        assert np.isfinite(float(aux[f"loss/{name}"])), name
+        assert float(aux[f"weight/{name}"]) == pytest.approx(getattr(cfg, f"{name}_weight"))
+    weighted = sum(float(aux[f"loss/{n}"]) * float(aux[f"weight/{n}"]) for n in expected)
+    assert float(loss) == pytest.approx(weighted, rel=1e-5)
+    for path, g in traverse_util.flatten_dict(frozen_grads).items():
+        assert np.all(np.asarray(g) == 0), "/".join(path)
+    head_grads = jax.tree_util.tree_leaves(adapter_grads["contrastive_head"])
+    assert head_grads and all(np.any(np.asarray(g) != 0) for g in head_grads)
+    for g in jax.tree_util.tree_leaves(adapter_grads):
+        assert np.all(np.isfinite(np.asarray(g)))
