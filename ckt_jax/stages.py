@@ -218,13 +218,14 @@ def run_targets(ctx: Context) -> None:
 # Training examples shared by the teacher and the student.
 # --------------------------------------------------------------------------------------------
 
-def training_rows(ctx: Context) -> list[dict]:
+def training_rows(ctx: Context, text_noise_rates=None) -> list[dict]:
     """Prompt/reply rows: refusals for harmful prompts, base replies for benign ones.
 
     Each prompt also appears wrapped in a seeded in-the-wild jailbreak template, with the same
     target, so the model learns to judge the request inside the wrapper rather than the wrapper.
-    Text noise (typos, casing, whitespace) at the rates in `data.text_noise` is applied to the
-    request before wrapping; the targets stay clean.
+    Text noise (typos, casing, whitespace) at `text_noise_rates` (the student's
+    `distill.text_noise`; the teacher trains on clean text) is applied to the request before
+    wrapping; the targets stay clean.
     """
     cfg = ctx.config
     rng = np.random.default_rng(cfg.seed + 1)
@@ -243,8 +244,8 @@ def training_rows(ctx: Context) -> list[dict]:
     for row in workdir.read_jsonl(replies_path):
         rows.append({"id": row["id"], "prompt": row["prompt"], "reply": row["reply"],
                      "label": "benign", "complete": row["complete"]})
-    noise = cfg.data.text_noise
-    if noise.typo_rate or noise.case_rate or noise.whitespace_rate:
+    noise = text_noise_rates
+    if noise is not None and (noise.typo_rate or noise.case_rate or noise.whitespace_rate):
         noise_rng = np.random.default_rng(cfg.seed + 2)
         for row in rows:
             row["prompt"] = text_noise.apply_text_noise(row["prompt"], noise, noise_rng)
@@ -256,8 +257,8 @@ def training_rows(ctx: Context) -> list[dict]:
     return rows + wrapped
 
 
-def training_examples(ctx: Context) -> list[batching.Example]:
-    rows = training_rows(ctx)
+def training_examples(ctx: Context, text_noise_rates=None) -> list[batching.Example]:
+    rows = training_rows(ctx, text_noise_rates)
     examples, dropped = batching.tokenize_examples(ctx.tokenizer, rows, ctx.config.data.max_seq_len)
     def count(label, wrapped):
         return sum(e.label == label and e.wrapped == wrapped for e in examples)
@@ -408,7 +409,8 @@ def run_distill(ctx: Context) -> None:
     adapters, history = train_adapters(
         ctx, name="distill", section=section, lora_config=_lora_config(section),
         objective=distill_objective(ctx.config), frozen_params=frozen,
-        teacher=Llama(teacher_model_config(ctx)), examples=training_examples(ctx),
+        teacher=Llama(teacher_model_config(ctx)),
+        examples=training_examples(ctx, ctx.config.distill.text_noise),
         seed_offset=202)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_adapters(out_dir / "adapters", adapters)

@@ -28,10 +28,6 @@ def get_config() -> config_dict.ConfigDict:
     c.data.train_template_max_chars = 500   # Longest in-the-wild jailbreak template used in training.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
-    c.data.text_noise = config_dict.ConfigDict()
-    c.data.text_noise.typo_rate = 0.0        # Share of letters given a typo (swap, drop, insert, replace).
-    c.data.text_noise.case_rate = 0.0        # Share of letters with flipped case.
-    c.data.text_noise.whitespace_rate = 0.0  # Share of spaces doubled, turned into newlines or dropped.
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
 
     c.targets = config_dict.ConfigDict()
@@ -81,6 +77,11 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.adversarial_epsilon = 1.0   # Ball radius (L2 per sequence, or per element for linf).
     c.distill.adversarial_step_size = 0.5
     c.distill.adversarial_norm = "l2"     # l2 or linf.
+    # Text noise in the student's training prompts (the teacher trains on clean text).
+    c.distill.text_noise = config_dict.ConfigDict()
+    c.distill.text_noise.typo_rate = 0.0        # Share of letters given a typo.
+    c.distill.text_noise.case_rate = 0.0        # Share of letters with flipped case.
+    c.distill.text_noise.whitespace_rate = 0.0  # Share of spaces doubled, made newlines or dropped.
 
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.
