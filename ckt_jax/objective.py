@@ -10,7 +10,7 @@
                   marks the reply tokens (the targets), and "is_harmful" int32 `B`;
   rng             a `jax.random` key, split here for every stochastic term.
 
-`aux` holds every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
+`aux` contains every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
 is not computed at all, so switching one off also removes its cost.
 
 Only reply positions are projected onto the vocabulary: the first `max_target_tokens` positions

@@ -115,3 +115,34 @@ def test_lora_delta_penalty_matches_explicit_product():
         expected += np.sum((2.0 * pair["lora_a"] @ pair["lora_b"]) ** 2)
     got = float(losses.lora_delta_penalty(adapters, scale=2.0))
     assert got == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_divergences_extreme_and_masked_logits(temperature):
+    # Logits of +/-1e4 and -inf (masked) entries, against a float64 reference.
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(3, 4, 13)) * 5.0
+    t = rng.normal(size=(3, 4, 13)) * 5.0
+    s[0, :, 2] = 1e4
+    t[0, :, 2] = 1e4 - 3.0
+    s[1, :, 5] = -1e4
+    t[1, :, 5] = 1e4
+    s[2, :, :3] = -np.inf
+    t[2, :, :3] = -np.inf
+    p, q = np_softmax(t / temperature), np_softmax(s / temperature)
+    p, q = np.nan_to_num(p), np.nan_to_num(q)
+    m = 0.5 * p + 0.5 * q
+    mix = 0.1 * p + 0.9 * q
+    expected = {
+        "forward_kl": temperature**2 * np_kl(p, q),
+        "reverse_kl": temperature**2 * np_kl(q, p),
+        "jsd": temperature**2 * (0.5 * np_kl(p, m) + 0.5 * np_kl(q, m)),
+        "skew_kl": temperature**2 * np_kl(p, mix),
+        "tvd": 0.5 * np.abs(p - q).sum(-1),
+    }
+    kwargs = {"jsd": {"beta": 0.5}, "skew_kl": {"alpha": 0.1}}
+    for name, fn in losses.DIVERGENCES.items():
+        got = np.asarray(fn(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
+                            temperature=temperature, **kwargs.get(name, {})))
+        assert np.all(np.isfinite(got)), name
+        np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
