@@ -26,7 +26,7 @@ from ml_collections import config_dict
 
 from ckt_jax import batching, lora, losses, metrics, workdir
 from ckt_jax.data import builder as data_builder
-from ckt_jax.data import refusals, templates, text_noise
+from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
 from ckt_jax.loading import find_smollm2_gguf, load_model
 from ckt_jax.model import Llama, LlamaConfig, LoraConfig
@@ -221,8 +221,10 @@ def run_targets(ctx: Context) -> None:
 def training_rows(ctx: Context, text_noise_rates=None) -> list[dict]:
     """Prompt/reply rows: refusals for harmful prompts, base replies for benign ones.
 
-    Each prompt also appears wrapped in a seeded in-the-wild jailbreak template, with the same
-    target, so the model learns to judge the request inside the wrapper rather than the wrapper.
+    Each prompt also appears wrapped in a seeded in-the-wild jailbreak template, and (with
+    `data.instruction_frames`) inside a format or style request from `ckt_jax.data.framing`, both
+    with the same target, so the model learns to judge the request inside the wrapper rather
+    than the wrapper.
     Text noise (typos, casing, whitespace) at `text_noise_rates` (the student's
     `distill.text_noise`; the teacher trains on clean text) is applied to the request before
     wrapping; the targets stay clean.
@@ -249,12 +251,16 @@ def training_rows(ctx: Context, text_noise_rates=None) -> list[dict]:
         noise_rng = np.random.default_rng(cfg.seed + 2)
         for row in rows:
             row["prompt"] = text_noise.apply_text_noise(row["prompt"], noise, noise_rng)
-    wrapped = []
+    variants = []
     for row in rows:
         template = wrappers[int(rng.integers(len(wrappers)))]
-        wrapped.append({**row, "prompt": templates.wrap(template, row["prompt"]),
-                        "id": row["id"] + "/wrapped", "wrapped": True})
-    return rows + wrapped
+        variants.append({**row, "prompt": templates.wrap(template, row["prompt"]),
+                         "id": row["id"] + "/wrapped", "wrapped": True})
+        if cfg.data.instruction_frames:
+            # Framed copies are short, so they train in the plain-prompt batches.
+            variants.append({**row, "prompt": framing.frame(row["prompt"], rng),
+                             "id": row["id"] + "/framed"})
+    return rows + variants
 
 
 def training_examples(ctx: Context, text_noise_rates=None) -> list[batching.Example]:

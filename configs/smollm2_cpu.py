@@ -26,6 +26,7 @@ def get_config() -> config_dict.ConfigDict:
     c.data.max_seq_len = 192                # Tokens; longer training examples are dropped (counted).
     c.data.max_target_tokens = 80           # Reply tokens scored per example (replies are <= 65).
     c.data.train_template_max_chars = 500   # Longest in-the-wild jailbreak template used in training.
+    c.data.instruction_frames = True        # Also train every prompt inside a format/style request.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
@@ -38,10 +39,10 @@ def get_config() -> config_dict.ConfigDict:
     c.teacher_train.lora_rank = 32
     c.teacher_train.lora_alpha = 32.0
     c.teacher_train.lora_targets = "q,k,v,o,gate,up,down"
-    c.teacher_train.steps = 60
+    c.teacher_train.steps = 70
     c.teacher_train.batch_size = 8
     c.teacher_train.learning_rate = 2e-3   # Peak of a warm-up + cosine schedule.
-    c.teacher_train.warmup_steps = 6
+    c.teacher_train.warmup_steps = 7
 
     c.distill = config_dict.ConfigDict()
     c.distill.lora_rank = 8
