@@ -266,6 +266,7 @@ def training_rows(ctx: Context, text_noise_rates=None) -> list[dict]:
 def training_examples(ctx: Context, text_noise_rates=None) -> list[batching.Example]:
     rows = training_rows(ctx, text_noise_rates)
     examples, dropped = batching.tokenize_examples(ctx.tokenizer, rows, ctx.config.data.max_seq_len)
+
     def count(label, wrapped):
         return sum(e.label == label and e.wrapped == wrapped for e in examples)
 

@@ -310,7 +310,10 @@ def test_smollm2_matches_torch(smollm2_flax, smollm2_torch, chat_prompt_ids):
         expected_LxV = smollm2_torch(torch.from_numpy(chat_prompt_ids).long()[None]).logits[0]
     expected_LxV = expected_LxV.numpy()
 
-    assert np.abs(logits_LxV - expected_LxV).max() <= 1e-3
+    max_difference = float(np.abs(logits_LxV - expected_LxV).max())
+    print(f"SmolLM2 Flax vs PyTorch: max |logit difference| {max_difference:.2e} over "
+          f"{logits_LxV.shape[0]} positions")
+    assert max_difference <= 1e-3
     np.testing.assert_array_equal(logits_LxV.argmax(-1), expected_LxV.argmax(-1))
 
 
