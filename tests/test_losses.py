@@ -117,9 +117,22 @@ def test_lora_delta_penalty_matches_explicit_product():
     assert got == pytest.approx(0.5 * expected, rel=1e-5)
 
 
+def np_log_softmax(z):
+    finite_max = np.max(np.where(np.isfinite(z), z, -np.inf), axis=-1, keepdims=True)
+    shifted = z - finite_max
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+
+
+def np_kl_from_log(log_p, log_q):
+    p = np.exp(log_p)
+    with np.errstate(invalid="ignore"):
+        terms = np.where(p > 0, p * (log_p - log_q), 0.0)
+    return terms.sum(-1)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
 def test_divergences_extreme_and_masked_logits(temperature):
-    # Logits of +/-1e4 and -inf (masked) entries, against a float64 reference.
+    # Logits of +/-1e4 and -inf (masked) entries, against a float64 log-space reference.
     rng = np.random.default_rng(7)
     s = rng.normal(size=(3, 4, 13)) * 5.0
     t = rng.normal(size=(3, 4, 13)) * 5.0
@@ -129,15 +142,16 @@ def test_divergences_extreme_and_masked_logits(temperature):
     t[1, :, 5] = 1e4
     s[2, :, :3] = -np.inf
     t[2, :, :3] = -np.inf
-    p, q = np_softmax(t / temperature), np_softmax(s / temperature)
-    p, q = np.nan_to_num(p), np.nan_to_num(q)
-    m = 0.5 * p + 0.5 * q
-    mix = 0.1 * p + 0.9 * q
+    log_p, log_q = np_log_softmax(t / temperature), np_log_softmax(s / temperature)
+    p, q = np.exp(log_p), np.exp(log_q)
+    log_m = np.logaddexp(log_p + np.log(0.5), log_q + np.log(0.5))
+    log_mix = np.logaddexp(log_p + np.log(0.1), log_q + np.log(0.9))
     expected = {
-        "forward_kl": temperature**2 * np_kl(p, q),
-        "reverse_kl": temperature**2 * np_kl(q, p),
-        "jsd": temperature**2 * (0.5 * np_kl(p, m) + 0.5 * np_kl(q, m)),
-        "skew_kl": temperature**2 * np_kl(p, mix),
+        "forward_kl": temperature**2 * np_kl_from_log(log_p, log_q),
+        "reverse_kl": temperature**2 * np_kl_from_log(log_q, log_p),
+        "jsd": temperature**2 * (0.5 * np_kl_from_log(log_p, log_m)
+                                 + 0.5 * np_kl_from_log(log_q, log_m)),
+        "skew_kl": temperature**2 * np_kl_from_log(log_p, log_mix),
         "tvd": 0.5 * np.abs(p - q).sum(-1),
     }
     kwargs = {"jsd": {"beta": 0.5}, "skew_kl": {"alpha": 0.1}}
