@@ -27,7 +27,7 @@ SAFETY_COMPONENTS = (
     "jailbreak_benign_compliance_rate",
 )
 
-# Which evaluation split each component is measured on, and whether a refusal counts as success.
+# Evaluation split of each component, and whether a refusal counts as success there.
 COMPONENT_SPLITS = {
     "harmful_refusal_rate": ("eval_harmful", True),
     "jailbreak_refusal_rate": ("eval_jailbreak", True),

@@ -120,7 +120,7 @@ class Context:
 
 
 def _config_record(config, *fields: str) -> dict:
-    """The config values a stage depends on, as plain JSON-compatible data."""
+    """Collect the config values a stage depends on, as plain JSON-compatible data."""
     record = {}
     for field in fields:
         value = config
@@ -149,7 +149,7 @@ def _distill_record(config) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def run_data(ctx: Context) -> None:
-    # TFDS draws one progress bar per split into the log; the split counts below say the same.
+    # TFDS draws one progress bar per split into the log; the split counts below report the same.
     tfds.disable_progress_bar()
     counts = data_builder.build_dataset(ctx.data_dir)
     for name, count in sorted(counts.items()):
@@ -362,7 +362,7 @@ def run_teacher(ctx: Context) -> None:
 
 
 def teacher_params(ctx: Context):
-    """The teacher's weights: trained here (base + merged LoRA) or loaded from config.teacher."""
+    """Load the teacher's weights: trained here (base + merged LoRA) or loaded from config.teacher."""
     spec = ctx.config.teacher
     if spec:
         path = pathlib.Path(spec).expanduser()
@@ -398,7 +398,7 @@ def _merged(ctx: Context, adapter_dir: pathlib.Path, section):
 # --------------------------------------------------------------------------------------------
 
 def distill_objective(config) -> ObjectiveConfig:
-    """The student's objective: every `config.distill` field that names an ObjectiveConfig field."""
+    """Build the student's objective from every `config.distill` field that names an ObjectiveConfig field."""
     known = {field.name for field in dataclasses.fields(ObjectiveConfig)}
     settings = {k: v for k, v in config.distill.items() if k in known}
     return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens)
@@ -438,7 +438,7 @@ def student_params(ctx: Context):
 # --------------------------------------------------------------------------------------------
 
 def eval_subsets(ctx: Context) -> dict[str, list[dict]]:
-    """A seeded subset of `eval.limit` prompts per split (all prompts when the limit is 0)."""
+    """Pick a seeded subset of `eval.limit` prompts per split (all prompts when the limit is 0)."""
     subsets = {}
     for offset, split in enumerate(EVAL_SPLITS):
         rows = ctx.split(split)

@@ -46,9 +46,9 @@ def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
-    """Return True if `stage_dir` holds finished outputs made with `record`.
+    """Return True if `stage_dir` contains finished outputs made with `record`.
 
-    Raises WorkdirError when it holds outputs made with a different config.
+    Raises WorkdirError when it contains outputs made with a different config.
     """
     path = stage_dir / "stage.json"
     if not path.exists():
@@ -62,7 +62,7 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise WorkdirError(
-                f"{stage_dir} holds another run's {stage_dir.name} outputs ({key}="
+                f"{stage_dir} contains another run's {stage_dir.name} outputs ({key}="
                 f"{old.get(key)!r}, this config has {new.get(key)!r}); use a new --workdir or "
                 f"delete {stage_dir}")
     return True

@@ -25,7 +25,7 @@ def get_config() -> config_dict.ConfigDict:
     c.data = config_dict.ConfigDict()
     c.data.max_seq_len = 192                # Tokens; longer training examples are dropped (counted).
     c.data.max_target_tokens = 80           # Reply tokens scored per example (replies are <= 65).
-    c.data.train_template_max_chars = 500   # Longest in-the-wild jailbreak template used in training.
+    c.data.train_template_max_chars = 500   # Maximum characters of a training jailbreak template.
     c.data.instruction_frames = True        # Also train every prompt inside a format/style request.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
