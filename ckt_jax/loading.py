@@ -207,7 +207,8 @@ def _read_safetensors_raw(path: pathlib.Path) -> dict:
     return arrays
 
 
-def _read_safetensors(path: pathlib.Path) -> dict:
+def read_safetensors(path: pathlib.Path) -> dict:
+    """Read every tensor of a safetensors file as a NumPy array (BF16 becomes float32)."""
     from safetensors.numpy import load_file
 
     try:
@@ -220,12 +221,12 @@ def _read_hf_weights(directory: pathlib.Path) -> dict:
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
-        return _read_safetensors(single)
+        return read_safetensors(single)
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            tensors.update(_read_safetensors(directory / shard))
+            tensors.update(read_safetensors(directory / shard))
         return tensors
     raise FileNotFoundError(f"{directory} has neither model.safetensors nor "
                             "model.safetensors.index.json; save the model with "
