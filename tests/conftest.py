@@ -23,6 +23,12 @@ def torch_available():
 
 
 @pytest.fixture(scope="session")
+def peft_available(torch_available):
+    """The peft module; skips the test when torch or peft is not installed."""
+    return pytest.importorskip("peft", reason="peft is not installed (install the test extras)")
+
+
+@pytest.fixture(scope="session")
 def smollm2_flax(smollm2_gguf_path):
     """(config, params) of SmolLM2 loaded once per session, params on the JAX device."""
     import jax

@@ -51,8 +51,8 @@ def compare_to_torch(model, directory, length=24, seed=0):
 
     config, params = load_model(directory)
     ids_BxL = np.random.default_rng(seed).integers(0, config.vocab_size, (2, length))
-    logits_BxLxV = np.asarray(Llama(config).apply({"params": params},
-                                                  jnp.asarray(ids_BxL)).logits_BxLxV)
+    apply = jax.jit(Llama(config).apply)
+    logits_BxLxV = np.asarray(apply({"params": params}, jnp.asarray(ids_BxL)).logits_BxLxV)
     with torch.no_grad():
         expected_BxLxV = model(torch.from_numpy(ids_BxL)).logits.numpy()
     return config, float(np.abs(logits_BxLxV - expected_BxLxV).max())
@@ -100,21 +100,22 @@ def test_sliding_window_cache_matches_full():
                          num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=3,
                          max_position_embeddings=64)
     model = Llama(config)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    apply = jax.jit(model.apply)
     prompt_len, steps = 6, 4
     ids_BxL = np.random.default_rng(1).integers(0, 64, (2, prompt_len + steps)).astype(np.int32)
     mask_BxL = np.ones_like(ids_BxL)
     mask_BxL[1, :2] = 0  # row 1 is left-padded by 2 tokens
-    full_BxLxV = np.asarray(model.apply({"params": params}, jnp.asarray(ids_BxL),
-                                        attention_mask_BxL=jnp.asarray(mask_BxL)).logits_BxLxV)
+    full_BxLxV = np.asarray(apply({"params": params}, jnp.asarray(ids_BxL),
+                                  attention_mask_BxL=jnp.asarray(mask_BxL)).logits_BxLxV)
 
     cache = init_cache(config, 2, prompt_len + steps)
-    out = model.apply({"params": params}, jnp.asarray(ids_BxL[:, :prompt_len]),
-                      attention_mask_BxL=jnp.asarray(mask_BxL[:, :prompt_len]), cache=cache)
+    out = apply({"params": params}, jnp.asarray(ids_BxL[:, :prompt_len]),
+                attention_mask_BxL=jnp.asarray(mask_BxL[:, :prompt_len]), cache=cache)
     for step in range(steps):
         position = prompt_len + step
-        out = model.apply({"params": params}, jnp.asarray(ids_BxL[:, position:position + 1]),
-                          cache=out.cache)
+        out = apply({"params": params}, jnp.asarray(ids_BxL[:, position:position + 1]),
+                    cache=out.cache)
         np.testing.assert_allclose(np.asarray(out.logits_BxLxV)[:, 0], full_BxLxV[:, position],
                                    atol=1e-5, err_msg=f"decode step {step}")
 

@@ -51,7 +51,7 @@ def peft_logits(torch_model, adapter_dir, ids_BxL=PROMPT_BxL):
         return peft_model(torch.from_numpy(ids_BxL).long()).logits.numpy()
 
 
-def test_export_loads_in_peft(tiny_torch_and_params, tmp_path):
+def test_export_loads_in_peft(tiny_torch_and_params, peft_available, tmp_path):
     reference, params = tiny_torch_and_params
     adapters = random_adapters(TINY, LORA)
     export_peft_adapter(tmp_path, adapters, LORA, base_model_name_or_path="tiny")
@@ -65,8 +65,8 @@ def test_export_loads_in_peft(tiny_torch_and_params, tmp_path):
     np.testing.assert_allclose(got_BxLxV, expected_BxLxV, atol=1e-4, rtol=0)
 
 
-def test_export_layout_equals_peft_save(tiny_torch_and_params, tmp_path):
-    import peft
+def test_export_layout_equals_peft_save(tiny_torch_and_params, peft_available, tmp_path):
+    peft = peft_available
     from safetensors.numpy import load_file
 
     reference, _ = tiny_torch_and_params
@@ -87,9 +87,10 @@ def test_export_layout_equals_peft_save(tiny_torch_and_params, tmp_path):
     assert sorted(our_config["target_modules"]) == sorted(their_config["target_modules"])
 
 
-def test_import_peft_trained_adapter(tiny_torch_and_params, tmp_path):
-    import peft
+def test_import_peft_trained_adapter(tiny_torch_and_params, peft_available, tmp_path):
     import torch
+
+    peft = peft_available
 
     reference, params = tiny_torch_and_params
     # rsLoRA and an adapter on layer 1 only: both need care on import.
