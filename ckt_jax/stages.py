@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import config_dict
 
-from ckt_jax import batching, lora, losses, metrics, workdir
+from ckt_jax import batching, lora, losses, metric_writers, metrics, peft_format, workdir
 from ckt_jax.data import builder as data_builder
 from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
@@ -313,10 +313,17 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
         examples, section.batch_size, ctx.config.data.harmful_fraction,
         seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
         max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
-    adapter_params, _, history = train_loop(
-        step_fn=step_fn, adapter_params=adapter_params, opt_state=opt_state,
-        frozen_params=frozen_params, batches=batches, num_steps=section.steps, rng=train_rng,
-        log_every=ctx.config.log_every, name=name)
+    # Per-step metrics go to logs/teacher/ or logs/<student name>/ (TensorBoard and JSONL).
+    run_name = ctx.student_name if name == "distill" else name
+    writers = metric_writers.open_run_writers(
+        ctx.root / "logs" / run_name, tensorboard=ctx.config.metrics.tensorboard,
+        jsonl=ctx.config.metrics.jsonl)
+    with writers:
+        adapter_params, _, history = train_loop(
+            step_fn=step_fn, adapter_params=adapter_params, opt_state=opt_state,
+            frozen_params=frozen_params, batches=batches, num_steps=section.steps, rng=train_rng,
+            log_every=ctx.config.log_every, name=name,
+            on_metrics=metric_writers.training_callback(writers, schedule))
     return adapter_params, history
 
 
@@ -368,6 +375,11 @@ def teacher_params(ctx: Context):
         path = pathlib.Path(spec).expanduser()
         if (path / "stage.json").exists() and (path / TEACHER_DIR_FILE).exists():
             return _merged(ctx, path / TEACHER_DIR_FILE, ctx.config.teacher_train)
+        if peft_format.is_peft_adapter_dir(path):
+            # A LoRA teacher trained with PEFT on the same base model.
+            lora_config, adapters = peft_format.load_peft_adapter(path, ctx.base[0])
+            full = lora.combine_params(to_device_tree(adapters), ctx.base[1])
+            return lora.merge_lora(full, lora_config.scale)
         teacher_config, params = load_model(resolve_model_spec(spec))
         if teacher_config.vocab_size != ctx.base[0].vocab_size:
             raise ValueError(f"teacher {spec} has vocab_size={teacher_config.vocab_size}, the "
@@ -381,7 +393,8 @@ def teacher_params(ctx: Context):
 
 def teacher_model_config(ctx: Context) -> LlamaConfig:
     spec = ctx.config.teacher
-    if spec and not (pathlib.Path(spec).expanduser() / "stage.json").exists():
+    path = pathlib.Path(spec).expanduser()
+    if spec and not (path / "stage.json").exists() and not peft_format.is_peft_adapter_dir(path):
         return load_model(resolve_model_spec(spec))[0]
     return ctx.base[0]
 

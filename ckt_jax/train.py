@@ -74,11 +74,13 @@ def train_loop(
             raise NonFiniteLossError(
                 f"{name}: non-finite loss at step {step} ({terms}); lower the learning rate or "
                 "check the batch for empty reply masks")
+        batch_tokens = int(np.sum(batch["attention_mask"]))
         if step == 1:
             steady_start = time.perf_counter()
         else:
-            tokens_seen += int(np.sum(batch["attention_mask"]))
+            tokens_seen += batch_tokens
         metrics["step"] = step
+        metrics["tokens"] = batch_tokens
         metrics["seconds"] = time.perf_counter() - start
         history.append(metrics)
         if on_metrics is not None:

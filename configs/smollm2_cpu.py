@@ -16,8 +16,11 @@ from ml_collections import config_dict
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.model = "smollm2"            # "smollm2" (the packaged GGUF), a .gguf path or an HF directory.
-    c.teacher = ""                 # "" trains the teacher; else a .gguf, HF directory or ckt_jax teacher dir.
+    # "" trains the teacher; else a .gguf, HF directory, PEFT adapter directory (LoRA on the base
+    # model) or the teacher directory of another ckt_jax work directory.
+    c.teacher = ""
     c.student_name = "student"     # Name of the distilled student (its directory and report row).
+    c.mode = "stages"              # stages (run config.stages), chat or export.
     c.stages = "data,targets,teacher,distill,eval,report"  # comma-separated subset, run in this order.
     c.seed = 0                     # Root PRNG seed; every stage derives its own key from it.
     c.log_every = 5                # Steps between training log lines.
@@ -36,22 +39,22 @@ def get_config() -> config_dict.ConfigDict:
     c.targets.batch_size = 16         # Prompts per generation batch.
 
     c.teacher_train = config_dict.ConfigDict()
-    c.teacher_train.lora_rank = 32
-    c.teacher_train.lora_alpha = 32.0
-    c.teacher_train.lora_targets = "q,k,v,o,gate,up,down"
-    c.teacher_train.steps = 70
-    c.teacher_train.batch_size = 8
+    c.teacher_train.lora_rank = 32         # LoRA rank r of every adapted projection.
+    c.teacher_train.lora_alpha = 32.0      # LoRA update scale is lora_alpha / lora_rank.
+    c.teacher_train.lora_targets = "q,k,v,o,gate,up,down"  # Projections given adapters.
+    c.teacher_train.steps = 70             # Optimizer steps.
+    c.teacher_train.batch_size = 8         # Examples per step.
     c.teacher_train.learning_rate = 2e-3   # Peak of a warm-up + cosine schedule.
-    c.teacher_train.warmup_steps = 7
+    c.teacher_train.warmup_steps = 7       # Steps of linear warm-up from 0.
 
     c.distill = config_dict.ConfigDict()
-    c.distill.lora_rank = 8
-    c.distill.lora_alpha = 16.0
-    c.distill.lora_targets = "q,k,v,o"
-    c.distill.steps = 30
-    c.distill.batch_size = 8
-    c.distill.learning_rate = 3e-3
-    c.distill.warmup_steps = 3
+    c.distill.lora_rank = 8               # LoRA rank r of every adapted projection.
+    c.distill.lora_alpha = 16.0           # LoRA update scale is lora_alpha / lora_rank.
+    c.distill.lora_targets = "q,k,v,o"    # Projections given adapters.
+    c.distill.steps = 30                  # Optimizer steps.
+    c.distill.batch_size = 8              # Examples per step.
+    c.distill.learning_rate = 3e-3        # Peak of a warm-up + cosine schedule.
+    c.distill.warmup_steps = 3            # Steps of linear warm-up from 0.
     # Objective weights; 0 switches a term off (and skips its computation).
     c.distill.kd_weight = 1.0             # Teacher-to-student divergence on reply tokens.
     c.distill.contrastive_weight = 0.0    # InfoNCE between student and teacher representations.
@@ -64,9 +67,9 @@ def get_config() -> config_dict.ConfigDict:
     # Term settings.
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
     c.distill.temperature = 1.0           # Softmax temperature of both distributions (loss * T^2).
-    c.distill.contrastive_temperature = 0.1
+    c.distill.contrastive_temperature = 0.1   # Softmax temperature of the contrastive terms.
     c.distill.contrastive_pooling = "last_prompt"  # last_prompt or reply_mean.
-    c.distill.contrastive_symmetric = True
+    c.distill.contrastive_symmetric = True    # InfoNCE in both directions, averaged.
     c.distill.contrastive_projection = False  # Train a head mapping student to teacher features.
     c.distill.contrastive_projection_hidden = 0  # Hidden width of that head; 0 = one linear map.
     c.distill.relation_method = "relation"    # relation (teacher's similarities) or supcon.
@@ -76,7 +79,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.adversarial_mode = "smart"  # smart (final perturbation) or freelb (averaged).
     c.distill.adversarial_steps = 1       # Ascent steps per training step.
     c.distill.adversarial_epsilon = 1.0   # Ball radius (L2 per sequence, or per element for linf).
-    c.distill.adversarial_step_size = 0.5
+    c.distill.adversarial_step_size = 0.5  # Ascent step length (same norm as the epsilon).
     c.distill.adversarial_norm = "l2"     # l2 or linf.
     # Text noise in the student's training prompts (the teacher trains on clean text).
     c.distill.text_noise = config_dict.ConfigDict()
@@ -84,9 +87,30 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.text_noise.case_rate = 0.0        # Share of letters with flipped case.
     c.distill.text_noise.whitespace_rate = 0.0  # Share of spaces doubled, made newlines or dropped.
 
+    c.metrics = config_dict.ConfigDict()
+    c.metrics.tensorboard = True    # TensorBoard event files in <workdir>/logs/<run>/<start time>/.
+    c.metrics.jsonl = True          # metrics.jsonl (one line per step) in the same directory.
+
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.
     c.eval.max_new_tokens = 64      # Generated tokens per reply (greedy).
-    c.eval.batch_size = 16
+    c.eval.batch_size = 16          # Prompts per generation batch.
     c.eval.kd_limit = 32            # Prompts for teacher-forced token agreement.
+
+    # --config.mode=chat: talk to a model of the work directory.
+    c.chat = config_dict.ConfigDict()
+    c.chat.model = "student"        # base, teacher or student (the one named config.student_name).
+    c.chat.prompts_file = ""        # File of prompts, one per line, each a new chat; "" = stdin.
+    c.chat.system = ""              # System message; "" keeps the chat template's default.
+    c.chat.max_new_tokens = 256     # Tokens per reply at most.
+    c.chat.temperature = 0.0        # Sampling temperature; 0 = greedy decoding.
+    c.chat.top_p = 1.0              # Probability mass of the sampling nucleus (temperature > 0).
+
+    # --config.mode=export: write a model for PyTorch/PEFT, transformers and llama.cpp.
+    c.export = config_dict.ConfigDict()
+    c.export.model = "student"        # base, teacher or student.
+    c.export.formats = "peft,hf,gguf" # comma-separated subset: PEFT adapter, merged HF dir, GGUF.
+    c.export.dir = ""                 # Output directory; "" = <workdir>/export/<model name>.
+    c.export.hf_dtype = "float32"     # Weights of the HF export: float32 or float16.
+    c.export.gguf_type = "f16"        # Weights of the GGUF export: f32, f16 or q8_0.
     return c

@@ -82,6 +82,11 @@ def test_smoke_config_end_to_end(tmp_path, smollm2_gguf_path):
                                           "eval_benign_sensitive", "eval_jailbreak_benign"}
     assert "overall_safety_score" in (workdir / "report.md").read_text()
     assert "| student |" in result.stdout
+    for run in ("teacher", "student"):
+        (log_dir,) = (workdir / "logs" / run).iterdir()
+        steps = (log_dir / "metrics.jsonl").read_text().splitlines()
+        assert len(steps) == 2, run  # configs/smoke.py trains 2 steps
+        assert list(log_dir.glob("events.out.tfevents.*")), run
 
     # A second run reuses every finished stage, and a changed training field is refused
     # instead of overwriting the finished student.
