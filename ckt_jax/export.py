@@ -1,7 +1,7 @@
 """Write a merged model as a Hugging Face directory or as a llama.cpp GGUF file.
 
 Both writers take a plain parameter tree (LoRA already folded in with ``lora.merge_lora``) in the
-layout of ``ckt_jax.model``. The Hugging Face directory holds ``config.json``,
+layout of ``ckt_jax.model``. The Hugging Face directory contains ``config.json``,
 ``generation_config.json``, safetensors weights (sharded above ``max_shard_bytes``) and the
 tokenizer with its chat template, so ``AutoModelForCausalLM`` and ``AutoTokenizer`` load it
 as is. The GGUF file uses the ``llama`` architecture, with the Q and K rows permuted the way
@@ -24,7 +24,8 @@ from ckt_jax.tokenizer import ChatTokenizer
 
 HF_DTYPES = {"float32": np.float32, "float16": np.float16}
 GGUF_TYPES = ("f32", "f16", "q8_0")
-DEFAULT_MAX_SHARD_BYTES = 5 << 30  # transformers' default shard size for save_pretrained
+# 5 GB, the default shard size of transformers 4.x save_pretrained (5.25 uses 50 GB).
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _ATTENTION = ("q", "k", "v", "o")
 _MLP = ("gate", "up", "down")
 _GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",

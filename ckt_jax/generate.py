@@ -1,9 +1,9 @@
-"""Batched greedy decoding with a KV cache."""
+"""Decoding with a KV cache: batched greedy decoding, and token-by-token streaming for chat."""
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -113,3 +113,80 @@ def greedy_generate(model: Llama, params, prompts_ids: list[list[int]], *, max_n
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return results
+
+
+def _pick_token(logits_V, key, temperature: float, top_p: float):
+    """Choose the next token: argmax when ``temperature`` is 0, else nucleus sampling."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_V).astype(jnp.int32)
+    logits_V = logits_V / temperature
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_V = jnp.sort(logits_V)[::-1]
+        cumulative_V = jnp.cumsum(jax.nn.softmax(sorted_V))
+        cutoff_index = jnp.sum(cumulative_V < top_p)
+        logits_V = jnp.where(logits_V < sorted_V[cutoff_index], -jnp.inf, logits_V)
+    return jax.random.categorical(key, logits_V).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_stream_steps(model: Llama, temperature: float, top_p: float):
+    """Build the jitted prefill and single-token decode step of ``stream_generate``."""
+
+    def prefill(params, cache, prompt_ids_1xP, prompt_mask_1xP, key):
+        out = model.apply({"params": params}, prompt_ids_1xP, attention_mask_BxL=prompt_mask_1xP,
+                          cache=cache)
+        logits_1x1xV = model.apply({"params": params}, out.hidden_BxLxD[:, -1:, :],
+                                   method="project")
+        return _pick_token(logits_1x1xV[0, 0], key, temperature, top_p), out.cache
+
+    def decode(params, cache, token, key):
+        out = model.apply({"params": params}, token.reshape(1, 1), cache=cache)
+        return _pick_token(out.logits_BxLxV[0, -1], key, temperature, top_p), out.cache
+
+    return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
+
+
+def stream_generate(model: Llama, params, prompt_ids: list[int], *, max_new_tokens: int,
+                    eos_id: int, rng: jax.Array | None = None, temperature: float = 0.0,
+                    top_p: float = 1.0) -> Iterator[int]:
+    """Yield the continuation of one prompt token by token, as the KV cache decodes it.
+
+    Stops after ``eos_id`` (not yielded) or ``max_new_tokens`` tokens. ``temperature`` 0 is
+    greedy decoding; above 0, tokens are sampled from the top-``top_p`` nucleus with keys split
+    from ``rng`` (required then). The prompt is left-padded to a multiple of ``PROMPT_BUCKET``,
+    so prompts of similar length share one compiled prefill.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; decoding needs at least one token")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs a jax.random key in rng")
+    limit = model.config.max_position_embeddings
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens="
+                         f"{max_new_tokens} exceeds the model's max_position_embeddings={limit}; "
+                         "start a new conversation or lower max_new_tokens")
+    rng = jax.random.key(0) if rng is None else rng  # Unused by greedy decoding.
+
+    prefill, decode = _compiled_stream_steps(model, float(temperature), float(top_p))
+    prompt_len = -(-len(prompt_ids) // PROMPT_BUCKET) * PROMPT_BUCKET
+    ids_1xP = np.zeros((1, prompt_len), np.int32)
+    mask_1xP = np.zeros((1, prompt_len), np.int32)
+    ids_1xP[0, prompt_len - len(prompt_ids):] = prompt_ids
+    mask_1xP[0, prompt_len - len(prompt_ids):] = 1
+    cache = init_cache(model.config, 1, prompt_len + max_new_tokens, model.dtype)
+
+    rng, key = jax.random.split(rng)
+    token, cache = prefill(params, cache, ids_1xP, mask_1xP, key)
+    for step in range(max_new_tokens):
+        token_id = int(token)
+        if token_id == eos_id:
+            return
+        yield token_id
+        if step + 1 < max_new_tokens:
+            rng, key = jax.random.split(rng)
+            token, cache = decode(params, cache, token, key)

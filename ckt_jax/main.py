@@ -3,6 +3,9 @@
 Runs the stages named in `config.stages` in order (data, targets, teacher, distill, eval,
 report). Finished stages are skipped on a re-run with the same config, so an interrupted job
 continues where it stopped. Override any config field with `--config.<field>=<value>`.
+`--config.mode=chat` talks to the base, teacher or student model of DIR instead, and
+`--config.mode=export` writes one of them as a PEFT adapter, a Hugging Face directory and a GGUF
+file (see `ckt_jax.modes`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ckt_jax import stages, workdir
+from ckt_jax import modes, stages, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and the report.")
@@ -44,9 +47,18 @@ def parse_stages(text: str) -> list[str]:
 
 
 def run(config, workdir_path: str) -> None:
+    mode = config.get("mode", "stages")
+    if mode not in modes.MODES:
+        raise ValueError(f"config.mode={mode!r} is invalid; use one of {', '.join(modes.MODES)}")
     selected = parse_stages(config.stages)
     stages.validate_config(config)
     ctx = stages.Context(config=config, root=workdir.prepare_workdir(workdir_path))
+    if mode == "chat":
+        modes.run_chat(ctx)
+        return
+    if mode == "export":
+        modes.run_export(ctx)
+        return
     logging.info("work directory %s, stages %s", ctx.root, ",".join(selected))
     runners = {"data": stages.run_data, "targets": stages.run_targets,
                "teacher": stages.run_teacher, "distill": stages.run_distill,

@@ -59,7 +59,8 @@ def test_export_loads_in_peft(tiny_torch_and_params, peft_available, tmp_path):
     expected_BxLxV = jax_logits(params, LORA, adapters)
     got_BxLxV = peft_logits(reference, tmp_path)
     base_BxLxV = jax_logits(params, LORA, jax.tree.map(jnp.zeros_like, adapters))
-    print(f"tiny PEFT export: max |logit difference| {np.abs(got_BxLxV - expected_BxLxV).max():.2e}")
+    difference = float(np.abs(got_BxLxV - expected_BxLxV).max())
+    print(f"tiny PEFT export: max |logit difference| {difference:.2e}")
     # The adapter must matter, or the comparison proves nothing.
     assert np.abs(expected_BxLxV - base_BxLxV).max() > 1e-2
     np.testing.assert_allclose(got_BxLxV, expected_BxLxV, atol=1e-4, rtol=0)
