@@ -16,8 +16,8 @@ from ml_collections import config_dict
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.model = "smollm2"            # "smollm2" (the packaged GGUF), a .gguf path or an HF directory.
-    # "" trains the teacher; else a .gguf, HF directory, PEFT adapter directory (LoRA on the base
-    # model) or the teacher directory of another ckt_jax work directory.
+    # "" trains the teacher. Else: a .gguf file, an HF directory, a PEFT LoRA adapter directory
+    # for the base model, or the teacher directory of another ckt_jax work directory.
     c.teacher = ""
     c.student_name = "student"     # Name of the distilled student (its directory and report row).
     c.mode = "stages"              # stages (run config.stages), chat or export.

@@ -117,11 +117,13 @@ def test_hf_export_float16(tmp_path):
         export_hf_directory(tmp_path / "bf16", TINY, params, tokenizer=None, dtype="bfloat16")
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_gguf_export_round_trip(tmp_path, tied):
+@pytest.mark.parametrize("tied, rope_scaling", [
+    (True, None), (False, None), (True, RopeScaling("linear", 2.0))],
+    ids=["tied", "untied", "linear-rope"])
+def test_gguf_export_round_trip(tmp_path, tied, rope_scaling):
     import gguf
 
-    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied, rope_scaling=rope_scaling)
     params = random_params(config)
     source = write_tokenizer_gguf(tmp_path / "source.gguf", config.vocab_size)
     path = export_gguf(tmp_path / "tiny.gguf", config, params, tokenizer_gguf=source,
@@ -171,3 +173,10 @@ def test_export_rejects_unmerged_lora(tmp_path):
     params["layers"]["attn"]["q"]["lora_a"] = jnp.zeros((2, 64, 4))
     with pytest.raises(ValueError, match="lora.merge_lora"):
         export_hf_directory(tmp_path, TINY, params, tokenizer=None)
+
+
+def test_gguf_loader_rejects_rope_factors():
+    from ckt_jax import loading
+
+    with pytest.raises(ValueError, match="rope_freqs.weight, as in Llama 3.1"):
+        loading._gguf_rope_scaling(None, {"rope_freqs.weight": np.ones(8)}, "llama31.gguf")
