@@ -136,8 +136,11 @@ def render_config_reference(config_path: pathlib.Path = CONFIG_PATH) -> str:
         "comments; edit those, not this page.",
         "",
     ]
+    # Fields in the order the file sets them, which groups related fields.
+    order = {field: index for index, field in enumerate(comments)}
+    fields = sorted(_flatten(config), key=lambda item: order.get(item[0], len(order)))
     section = None
-    for field, value in _flatten(config):
+    for field, value in fields:
         top = field.split(".")[0] if "." in field else ""
         if top != section:
             section = top
@@ -156,10 +159,31 @@ def render_config_reference(config_path: pathlib.Path = CONFIG_PATH) -> str:
 
 
 def _signature(name: str, value) -> str:
+    """Format a signature as Python source, one parameter per line when it is long."""
     if inspect.isclass(value):
         fields = [f for f in getattr(value, "__annotations__", {}) if f not in ("parent", "name")]
         return f"class {name}({', '.join(fields)})"
-    return f"{name}{inspect.signature(value)}"
+    signature = inspect.signature(value)
+    parts = []
+    keyword_only_started = False
+    for parameter in signature.parameters.values():
+        if parameter.kind == parameter.KEYWORD_ONLY and not keyword_only_started:
+            parts.append("*")
+            keyword_only_started = True
+        text = parameter.name
+        if parameter.annotation is not parameter.empty:
+            text += f": {parameter.annotation}"
+        if parameter.default is not parameter.empty:
+            text += f" = {parameter.default!r}" if ": " in text else f"={parameter.default!r}"
+        parts.append(text)
+    returns = ""
+    if signature.return_annotation is not signature.empty:
+        returns = f" -> {signature.return_annotation}"
+    one_line = f"{name}({', '.join(parts)}){returns}"
+    if len(one_line) <= 96:
+        return one_line
+    body = "".join(f"    {part},\n" for part in parts)
+    return f"{name}(\n{body}){returns}"
 
 
 def render_loss_reference() -> str:
