@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ckt_jax import lora, main, stages, workdir
+from ckt_jax import lora, main, modes, stages, workdir
 from ckt_jax.chat import ChatSession, StreamDecoder
 from ckt_jax.export import export_hf_directory
 from ckt_jax.generate import greedy_generate, stream_generate
 from ckt_jax.loading import load_hf_checkpoint
 from ckt_jax.model import Llama, LlamaConfig, LoraConfig
-from ckt_jax.peft_format import load_peft_adapter
+from ckt_jax.peft_format import export_peft_adapter, load_peft_adapter
 
 pytestmark = pytest.mark.real  # SmolLM2's tokenizer comes from the packaged GGUF file.
 
@@ -151,6 +151,24 @@ def test_chat_interactive_keeps_context(tiny_workdir, monkeypatch, capsys):
     assert len(replies) == 3
     # After /reset, the same first message gets the same greedy reply.
     assert replies[0].split("user: ")[0] == replies[2].split("user: ")[0]
+
+
+def test_peft_adapter_as_teacher(tiny_workdir, tmp_path):
+    config, work, adapters = tiny_workdir
+    config = config.copy_and_resolve_references()
+    student_lora = LoraConfig(rank=config.distill.lora_rank, alpha=config.distill.lora_alpha,
+                              targets=tuple(config.distill.lora_targets.split(",")))
+    export_peft_adapter(tmp_path / "peft", adapters, student_lora)
+    config.teacher = str(tmp_path / "peft")
+    ctx = stages.Context(config=config, root=work)
+    model_config, expected = student_params(config, adapters)
+
+    assert stages.teacher_model_config(ctx) == model_config
+    trained = modes.load_trained_model(ctx, "teacher")
+    assert trained.lora_config == student_lora
+    for params in (stages.teacher_params(ctx), trained.params):
+        for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
 
 
 def test_chat_rejects_bad_settings(tiny_workdir, tmp_path):
