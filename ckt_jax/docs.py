@@ -210,8 +210,8 @@ def render_loss_reference() -> str:
         for name in by_module[module]:
             value = getattr(losses, name)
             if module == "constants":
-                shown = ", ".join(map(repr, value)) if isinstance(value, dict) else repr(value)
-                lines += ["", f"`{name}`: {shown}"]
+                value_text = ", ".join(map(repr, value)) if isinstance(value, dict) else repr(value)
+                lines += ["", f"`{name}`: {value_text}"]
                 continue
             doc = inspect.getdoc(value) or ""
             summary, _, details = doc.partition("\n\n")
