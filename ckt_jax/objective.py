@@ -50,6 +50,7 @@ POOLINGS = ("last_prompt", "reply_mean")
 RELATION_METHODS = ("relation", "supcon")
 CONSISTENCY_TARGETS = ("student", "teacher")
 ADVERSARIAL_MODES = ("smart", "freelb")
+REDUCTIONS = ("token", "sequence")
 WEIGHTS = ("ce_weight", "kd_weight", "contrastive_weight", "relation_weight",
            "consistency_weight", "adversarial_weight", "base_kl_weight", "l2_weight")
 
@@ -68,6 +69,10 @@ class ObjectiveConfig:
     divergence: str = "forward_kl"   # Key of losses.DIVERGENCES, for the kd term.
     temperature: float = 1.0         # Softmax temperature of the kd term.
     max_target_tokens: int = 96      # Reply positions scored per row; later ones are ignored.
+    # How per-token terms average: "token" weighs every reply token the same, so rows with long
+    # replies dominate; "sequence" averages within each row first, so a 12-token refusal counts
+    # as much as a 64-token answer.
+    reduction: str = "token"
 
     contrastive_temperature: float = 0.1
     contrastive_pooling: str = "last_prompt"   # The position that predicts the first reply token.
@@ -87,7 +92,7 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         choices = {"divergence": tuple(losses.DIVERGENCES), "contrastive_pooling": POOLINGS,
-                   "relation_method": RELATION_METHODS,
+                   "relation_method": RELATION_METHODS, "reduction": REDUCTIONS,
                    "consistency_target": CONSISTENCY_TARGETS,
                    "adversarial_mode": ADVERSARIAL_MODES, "adversarial_norm": ("l2", "linf"),
                    "noise_distribution": ("gaussian", "uniform")}
@@ -156,6 +161,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
     if cfg.contrastive_projection and head is None:
         raise ValueError("contrastive_projection is on but no projection head module was given")
     divergence = losses.DIVERGENCES[cfg.divergence]
+    reduce = losses.per_token_mean if cfg.reduction == "token" else losses.per_batch_mean
     base_model = Llama(student.config, dtype=student.dtype, param_dtype=student.param_dtype)
 
     def project(model, params, hidden_BxKxD):
@@ -194,11 +200,11 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                 input_ids, jnp.minimum(positions + 1, input_ids.shape[1] - 1), axis=1)
             log_probs = jax.nn.log_softmax(student_logits, axis=-1)
             nll = -jnp.take_along_axis(log_probs, next_ids[..., None], axis=-1)[..., 0]
-            terms["ce"] = losses.per_token_mean(nll, valid)
+            terms["ce"] = reduce(nll, valid)
 
         if cfg.kd_weight > 0:
             per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
-            terms["kd"] = losses.per_token_mean(per_token, valid)
+            terms["kd"] = reduce(per_token, valid)
 
         if cfg.contrastive_weight > 0 or cfg.relation_weight > 0:
             student_repr = pool_representation(student_hidden, valid, cfg.contrastive_pooling)
@@ -234,7 +240,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                     per_token = losses.teacher_consistency_loss(perturbed, target)
                 else:
                     per_token = losses.consistency_loss(target, perturbed)
-                return losses.per_token_mean(per_token, valid)
+                return reduce(per_token, valid)
 
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
@@ -270,7 +276,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                                   gather(base_out.hidden_BxLxD, positions))
             benign_B = 1.0 - batch["is_harmful"].astype(jnp.float32)
             per_token = losses.kl_to_base(student_logits, base_logits)
-            terms["base_kl"] = losses.per_token_mean(per_token, valid * benign_B[:, None])
+            terms["base_kl"] = reduce(per_token, valid * benign_B[:, None])
 
         if cfg.l2_weight > 0:
             terms["l2"] = losses.lora_delta_penalty(adapter_params, student.lora.scale)

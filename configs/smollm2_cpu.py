@@ -64,6 +64,7 @@ def get_config() -> config_dict.ConfigDict:
     # Term settings.
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
     c.distill.temperature = 1.0           # Softmax temperature of both distributions (loss * T^2).
+    c.distill.reduction = "token"         # token (each reply token weighs 1) or sequence (each row).
     c.distill.contrastive_temperature = 0.1
     c.distill.contrastive_pooling = "last_prompt"  # last_prompt or reply_mean.
     c.distill.contrastive_symmetric = True

@@ -136,6 +136,30 @@ def test_gathered_ce_equals_full_ce():
     np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)
 
 
+def test_sequence_reduction_weighs_rows_equally():
+    # "sequence" averages within each row first: a row with 2 reply tokens weighs as much as one
+    # with 6, unlike "token", where the 6-token row contributes three times as much.
+    from ckt_jax import losses
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    batch["loss_mask"][1, 8:12] = 0
+    params = lora.combine_params(adapters, backbone)
+    logits = student.apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                           attention_mask_BxL=jnp.asarray(batch["attention_mask"])).logits_BxLxV
+    nll = np.asarray(losses.next_token_cross_entropy(logits, jnp.asarray(batch["input_ids"])))
+    mask = np.asarray(losses.next_token_mask(jnp.asarray(batch["loss_mask"])))
+    row_means = (nll * mask).sum(1) / mask.sum(1)
+    by_token = (nll * mask).sum() / mask.sum()
+    for reduction, expected in (("sequence", row_means.mean()), ("token", by_token)):
+        loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0,
+                                                                 reduction=reduction))
+        loss, _ = loss_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert abs(row_means.mean() - by_token) > 1e-4
+    with pytest.raises(ValueError, match="reduction"):
+        ObjectiveConfig(ce_weight=1.0, reduction="row")
+
+
 def every_term_objective(**overrides):
     settings = dict(ce_weight=0.1, kd_weight=1.0, contrastive_weight=0.2, relation_weight=0.2,
                     consistency_weight=0.5, adversarial_weight=0.5, base_kl_weight=0.1,
