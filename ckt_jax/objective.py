@@ -73,6 +73,11 @@ class ObjectiveConfig:
     # replies dominate; "sequence" averages within each row first, so a 12-token refusal counts
     # as much as a 64-token answer.
     reduction: str = "token"
+    # The opening reply tokens carry the answer-or-refuse decision ("I can't" vs "The process"),
+    # yet they are a few of the ~64 tokens of a reply. Each of the first `opening_tokens` reply
+    # tokens of a row weighs `opening_weight` in the per-token terms; later tokens weigh 1.
+    opening_tokens: int = 0
+    opening_weight: float = 1.0
 
     contrastive_temperature: float = 0.1
     contrastive_pooling: str = "last_prompt"   # The position that predicts the first reply token.
@@ -109,6 +114,10 @@ class ObjectiveConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.max_target_tokens < 1:
             raise ValueError(f"max_target_tokens={self.max_target_tokens} must be >= 1")
+        if self.opening_tokens < 0:
+            raise ValueError(f"opening_tokens={self.opening_tokens} must be >= 0")
+        if not self.opening_weight > 0:
+            raise ValueError(f"opening_weight={self.opening_weight} must be > 0")
         if self.adversarial_steps < 1:
             raise ValueError(f"adversarial_steps={self.adversarial_steps} must be >= 1")
         if sum(getattr(self, name) for name in WEIGHTS if name != "l2_weight") == 0:
@@ -179,6 +188,11 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         attention_mask = batch["attention_mask"]
         target_mask = losses.next_token_mask(batch["loss_mask"])
         positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
+        # `valid` marks scored positions; `token_weights` also up-weights each row's opening tokens.
+        token_weights = valid
+        if cfg.opening_tokens > 0:
+            is_opening_K = jnp.arange(valid.shape[1]) < cfg.opening_tokens
+            token_weights = valid * jnp.where(is_opening_K, cfg.opening_weight, 1.0)[None, :]
         terms: dict[str, jax.Array] = {}
 
         out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
@@ -200,11 +214,11 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                 input_ids, jnp.minimum(positions + 1, input_ids.shape[1] - 1), axis=1)
             log_probs = jax.nn.log_softmax(student_logits, axis=-1)
             nll = -jnp.take_along_axis(log_probs, next_ids[..., None], axis=-1)[..., 0]
-            terms["ce"] = reduce(nll, valid)
+            terms["ce"] = reduce(nll, token_weights)
 
         if cfg.kd_weight > 0:
             per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
-            terms["kd"] = reduce(per_token, valid)
+            terms["kd"] = reduce(per_token, token_weights)
 
         if cfg.contrastive_weight > 0 or cfg.relation_weight > 0:
             student_repr = pool_representation(student_hidden, valid, cfg.contrastive_pooling)
@@ -240,7 +254,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                     per_token = losses.teacher_consistency_loss(perturbed, target)
                 else:
                     per_token = losses.consistency_loss(target, perturbed)
-                return reduce(per_token, valid)
+                return reduce(per_token, token_weights)
 
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
@@ -276,7 +290,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                                   gather(base_out.hidden_BxLxD, positions))
             benign_B = 1.0 - batch["is_harmful"].astype(jnp.float32)
             per_token = losses.kl_to_base(student_logits, base_logits)
-            terms["base_kl"] = reduce(per_token, valid * benign_B[:, None])
+            terms["base_kl"] = reduce(per_token, token_weights * benign_B[:, None])
 
         if cfg.l2_weight > 0:
             terms["l2"] = losses.lora_delta_penalty(adapter_params, student.lora.scale)

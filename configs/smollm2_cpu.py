@@ -65,6 +65,8 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
     c.distill.temperature = 1.0           # Softmax temperature of both distributions (loss * T^2).
     c.distill.reduction = "token"         # token (each reply token weighs 1) or sequence (each row).
+    c.distill.opening_tokens = 4          # First reply tokens of a row, where it answers or refuses.
+    c.distill.opening_weight = 5.0        # Weight of those tokens in kd/ce/consistency (others 1).
     c.distill.contrastive_temperature = 0.1
     c.distill.contrastive_pooling = "last_prompt"  # last_prompt or reply_mean.
     c.distill.contrastive_symmetric = True

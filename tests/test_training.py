@@ -160,6 +160,28 @@ def test_sequence_reduction_weighs_rows_equally():
         ObjectiveConfig(ce_weight=1.0, reduction="row")
 
 
+def test_opening_tokens_weigh_more():
+    # tiny_batch scores positions 5..10 (predicting tokens 6..11); the first 2 weigh 3 each.
+    from ckt_jax import losses
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    params = lora.combine_params(adapters, backbone)
+    logits = student.apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                           attention_mask_BxL=jnp.asarray(batch["attention_mask"])).logits_BxLxV
+    nll = np.asarray(losses.next_token_cross_entropy(logits, jnp.asarray(batch["input_ids"])))
+    weights = np.zeros_like(nll)
+    weights[:, 5:11] = 1.0
+    weights[:, 5:7] = 3.0
+    expected = (nll * weights).sum() / weights.sum()
+    loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0, opening_tokens=2,
+                                                             opening_weight=3.0))
+    loss, aux = loss_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(aux["target_tokens"]) == 4 * 6
+    with pytest.raises(ValueError, match="opening_weight"):
+        ObjectiveConfig(ce_weight=1.0, opening_weight=0.0)
+
+
 def every_term_objective(**overrides):
     settings = dict(ce_weight=0.1, kd_weight=1.0, contrastive_weight=0.2, relation_weight=0.2,
                     consistency_weight=0.5, adversarial_weight=0.5, base_kl_weight=0.1,
