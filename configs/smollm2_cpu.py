@@ -28,12 +28,13 @@ def get_config() -> config_dict.ConfigDict:
     c.data.train_template_max_chars = 500   # Maximum characters of a training jailbreak template.
     c.data.instruction_frames = True        # Also train every prompt inside a format/style request.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
-    c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
+    c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch
+                                            # (a training section may set its own).
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
 
     c.targets = config_dict.ConfigDict()
     c.targets.max_new_tokens = 64     # Length cap of the base model's replies to benign prompts.
-    c.targets.batch_size = 16         # Prompts per generation batch.
+    c.targets.batch_size = 64         # Prompts per generation batch (64 ran 1.6x faster than 16).
 
     c.teacher_train = config_dict.ConfigDict()
     c.teacher_train.lora_rank = 32
@@ -47,11 +48,12 @@ def get_config() -> config_dict.ConfigDict:
     c.distill = config_dict.ConfigDict()
     c.distill.lora_rank = 8
     c.distill.lora_alpha = 16.0
-    c.distill.lora_targets = "q,k,v,o"
+    c.distill.lora_targets = "q,k,v,o,gate,up,down"  # Attention-only (q,k,v,o) scored 0.75.
     c.distill.steps = 30
     c.distill.batch_size = 8
     c.distill.learning_rate = 3e-3
     c.distill.warmup_steps = 3
+    c.distill.harmful_fraction = 0.4  # Share of harmful rows per batch; 0.5 over-refused benign ones.
     # Objective weights; 0 switches a term off (and skips its computation).
     c.distill.kd_weight = 1.0             # Teacher-to-student divergence on reply tokens.
     c.distill.contrastive_weight = 0.0    # InfoNCE between student and teacher representations.
@@ -75,6 +77,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.relation_method = "relation"    # relation (teacher's similarities) or supcon.
     c.distill.noise_alpha = 5.0           # Embedding noise magnitude alpha / sqrt(length * hidden).
     c.distill.noise_distribution = "gaussian"  # gaussian or uniform.
+    c.distill.consistency_row_stride = 2  # Noisy pass on every 2nd row of a batch (half the cost).
     c.distill.consistency_target = "student"   # Match the clean student or the clean teacher.
     c.distill.adversarial_mode = "smart"  # smart (final perturbation) or freelb (averaged).
     c.distill.adversarial_steps = 1       # Ascent steps per training step.
@@ -90,6 +93,6 @@ def get_config() -> config_dict.ConfigDict:
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.
     c.eval.max_new_tokens = 64      # Generated tokens per reply (greedy).
-    c.eval.batch_size = 16
+    c.eval.batch_size = 40          # Prompts per generation batch: one batch per 40-prompt subset.
     c.eval.kd_limit = 32            # Prompts for teacher-forced token agreement.
     return c

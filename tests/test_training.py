@@ -182,6 +182,23 @@ def test_opening_tokens_weigh_more():
         ObjectiveConfig(ce_weight=1.0, opening_weight=0.0)
 
 
+def test_consistency_row_stride_uses_every_other_row():
+    # With stride 2 the consistency term equals the full-batch term computed on rows 0 and 2.
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    objective = dict(consistency_weight=1.0, ce_weight=1e-9, noise_alpha=5.0)
+    strided_fn = build_objective(student, None, ObjectiveConfig(consistency_row_stride=2,
+                                                                **objective))
+    _, strided = strided_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(3))
+    half = {name: value[::2] for name, value in batch.items()}
+    full_fn = build_objective(student, None, ObjectiveConfig(**objective))
+    _, reference = full_fn(adapters, {"backbone": backbone}, half, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(float(strided["loss/consistency"]),
+                               float(reference["loss/consistency"]), rtol=1e-5)
+    _, every_row = full_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(3))
+    assert abs(float(every_row["loss/consistency"]) - float(reference["loss/consistency"])) > 1e-7
+
+
 def every_term_objective(**overrides):
     settings = dict(ce_weight=0.1, kd_weight=1.0, contrastive_weight=0.2, relation_weight=0.2,
                     consistency_weight=0.5, adversarial_weight=0.5, base_kl_weight=0.1,
@@ -193,7 +210,8 @@ def every_term_objective(**overrides):
 @pytest.mark.parametrize("overrides", [
     {},
     {"relation_method": "supcon", "adversarial_mode": "freelb", "adversarial_steps": 2,
-     "consistency_target": "teacher", "adversarial_norm": "linf", "divergence": "jsd"},
+     "consistency_target": "teacher", "adversarial_norm": "linf", "divergence": "jsd",
+     "consistency_row_stride": 2, "reduction": "sequence", "opening_tokens": 2},
 ])
 def test_every_term_trains_adapters_only(overrides):
     from ckt_jax import losses
