@@ -50,6 +50,7 @@ POOLINGS = ("last_prompt", "reply_mean")
 RELATION_METHODS = ("relation", "supcon")
 CONSISTENCY_TARGETS = ("student", "teacher")
 ADVERSARIAL_MODES = ("smart", "freelb")
+REDUCTIONS = ("token", "sequence")
 WEIGHTS = ("ce_weight", "kd_weight", "contrastive_weight", "relation_weight",
            "consistency_weight", "adversarial_weight", "base_kl_weight", "l2_weight")
 
@@ -68,6 +69,15 @@ class ObjectiveConfig:
     divergence: str = "forward_kl"   # Key of losses.DIVERGENCES, for the kd term.
     temperature: float = 1.0         # Softmax temperature of the kd term.
     max_target_tokens: int = 96      # Reply positions scored per row; later ones are ignored.
+    # How per-token terms average: "token" weighs every reply token the same, so rows with long
+    # replies dominate; "sequence" averages within each row first, so a 12-token refusal counts
+    # as much as a 64-token answer.
+    reduction: str = "token"
+    # The opening reply tokens carry the answer-or-refuse decision ("I can't" vs "The process"),
+    # yet they are a few of the ~64 tokens of a reply. Each of the first `opening_tokens` reply
+    # tokens of a row weighs `opening_weight` in the per-token terms; later tokens weigh 1.
+    opening_tokens: int = 0
+    opening_weight: float = 1.0
 
     contrastive_temperature: float = 0.1
     contrastive_pooling: str = "last_prompt"   # The position that predicts the first reply token.
@@ -76,6 +86,9 @@ class ObjectiveConfig:
     relation_method: str = "relation"          # "relation" (teacher geometry) or "supcon".
 
     noise_alpha: float = 5.0         # Random noise magnitude alpha / sqrt(length * hidden).
+    # The noisy pass of the consistency term runs on rows 0, n, 2n, ... of the batch; 2 halves
+    # its cost. The rows stay a fixed subset, so with n > 1 some inputs get no noisy pass.
+    consistency_row_stride: int = 1
     noise_distribution: str = "gaussian"
     consistency_target: str = "student"        # Match the clean "student" or clean "teacher".
 
@@ -87,7 +100,7 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         choices = {"divergence": tuple(losses.DIVERGENCES), "contrastive_pooling": POOLINGS,
-                   "relation_method": RELATION_METHODS,
+                   "relation_method": RELATION_METHODS, "reduction": REDUCTIONS,
                    "consistency_target": CONSISTENCY_TARGETS,
                    "adversarial_mode": ADVERSARIAL_MODES, "adversarial_norm": ("l2", "linf"),
                    "noise_distribution": ("gaussian", "uniform")}
@@ -104,6 +117,12 @@ class ObjectiveConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.max_target_tokens < 1:
             raise ValueError(f"max_target_tokens={self.max_target_tokens} must be >= 1")
+        if self.opening_tokens < 0:
+            raise ValueError(f"opening_tokens={self.opening_tokens} must be >= 0")
+        if not self.opening_weight > 0:
+            raise ValueError(f"opening_weight={self.opening_weight} must be > 0")
+        if self.consistency_row_stride < 1:
+            raise ValueError(f"consistency_row_stride={self.consistency_row_stride} must be >= 1")
         if self.adversarial_steps < 1:
             raise ValueError(f"adversarial_steps={self.adversarial_steps} must be >= 1")
         if sum(getattr(self, name) for name in WEIGHTS if name != "l2_weight") == 0:
@@ -156,6 +175,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
     if cfg.contrastive_projection and head is None:
         raise ValueError("contrastive_projection is on but no projection head module was given")
     divergence = losses.DIVERGENCES[cfg.divergence]
+    reduce = losses.per_token_mean if cfg.reduction == "token" else losses.per_batch_mean
     base_model = Llama(student.config, dtype=student.dtype, param_dtype=student.param_dtype)
 
     def project(model, params, hidden_BxKxD):
@@ -173,6 +193,11 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         attention_mask = batch["attention_mask"]
         target_mask = losses.next_token_mask(batch["loss_mask"])
         positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
+        # `valid` marks scored positions; `token_weights` also up-weights each row's opening tokens.
+        token_weights = valid
+        if cfg.opening_tokens > 0:
+            is_opening_K = jnp.arange(valid.shape[1]) < cfg.opening_tokens
+            token_weights = valid * jnp.where(is_opening_K, cfg.opening_weight, 1.0)[None, :]
         terms: dict[str, jax.Array] = {}
 
         out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
@@ -194,11 +219,11 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                 input_ids, jnp.minimum(positions + 1, input_ids.shape[1] - 1), axis=1)
             log_probs = jax.nn.log_softmax(student_logits, axis=-1)
             nll = -jnp.take_along_axis(log_probs, next_ids[..., None], axis=-1)[..., 0]
-            terms["ce"] = losses.per_token_mean(nll, valid)
+            terms["ce"] = reduce(nll, token_weights)
 
         if cfg.kd_weight > 0:
             per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
-            terms["kd"] = losses.per_token_mean(per_token, valid)
+            terms["kd"] = reduce(per_token, token_weights)
 
         if cfg.contrastive_weight > 0 or cfg.relation_weight > 0:
             student_repr = pool_representation(student_hidden, valid, cfg.contrastive_pooling)
@@ -224,23 +249,25 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
             embeds = student.apply({"params": params}, input_ids, method="embed")
             reference = teacher_logits if cfg.consistency_target == "teacher" else student_logits
 
-            def perturbed_logits(delta_BxLxD):
-                noisy = student.apply({"params": params}, inputs_embeds_BxLxD=embeds + delta_BxLxD,
-                                      attention_mask_BxL=attention_mask)
-                return project(student, params, gather(noisy.hidden_BxLxD, positions))
+            def perturbed_logits(delta_BxLxD, rows=slice(None)):
+                noisy = student.apply({"params": params},
+                                      inputs_embeds_BxLxD=embeds[rows] + delta_BxLxD,
+                                      attention_mask_BxL=attention_mask[rows])
+                return project(student, params, gather(noisy.hidden_BxLxD, positions[rows]))
 
-            def consistency(perturbed, target):
+            def consistency(perturbed, target, rows=slice(None)):
                 if cfg.consistency_target == "teacher":
-                    per_token = losses.teacher_consistency_loss(perturbed, target)
+                    per_token = losses.teacher_consistency_loss(perturbed, target[rows])
                 else:
-                    per_token = losses.consistency_loss(target, perturbed)
-                return losses.per_token_mean(per_token, valid)
+                    per_token = losses.consistency_loss(target[rows], perturbed)
+                return reduce(per_token, token_weights[rows])
 
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
-            noise = losses.length_scaled_noise(noise_key, embeds, attention_mask, cfg.noise_alpha,
-                                               cfg.noise_distribution)
-            terms["consistency"] = consistency(perturbed_logits(noise), reference)
+            rows = slice(None, None, cfg.consistency_row_stride)
+            noise = losses.length_scaled_noise(noise_key, embeds[rows], attention_mask[rows],
+                                               cfg.noise_alpha, cfg.noise_distribution)
+            terms["consistency"] = consistency(perturbed_logits(noise, rows), reference, rows)
 
         if cfg.adversarial_weight > 0:
             adv_key, rng = jax.random.split(rng)
@@ -270,7 +297,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                                   gather(base_out.hidden_BxLxD, positions))
             benign_B = 1.0 - batch["is_harmful"].astype(jnp.float32)
             per_token = losses.kl_to_base(student_logits, base_logits)
-            terms["base_kl"] = losses.per_token_mean(per_token, valid * benign_B[:, None])
+            terms["base_kl"] = reduce(per_token, token_weights * benign_B[:, None])
 
         if cfg.l2_weight > 0:
             terms["l2"] = losses.lora_delta_penalty(adapter_params, student.lora.scale)

@@ -50,9 +50,11 @@ def validate_config(config) -> None:
     if not 0.0 <= config.data.wrapped_fraction <= 1.0:
         raise ValueError(f"config.data.wrapped_fraction={config.data.wrapped_fraction} is "
                          "outside [0, 1]")
-    if not 0.0 < config.data.harmful_fraction < 1.0:
-        raise ValueError(f"config.data.harmful_fraction={config.data.harmful_fraction} must be "
-                         "strictly between 0 and 1, so batches hold both classes")
+    for section in ("data", "teacher_train", "distill"):
+        fraction = config[section].get("harmful_fraction", 0.5)
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"config.{section}.harmful_fraction={fraction} must be strictly "
+                             "between 0 and 1, so batches contain both classes")
     for section in ("teacher_train", "distill"):
         for field in ("steps", "batch_size", "lora_rank"):
             if config[section][field] < 1:
@@ -309,8 +311,10 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
     opt_state = optimizer.init(adapter_params)
     loss_fn = build_objective(student, teacher, objective, head=head)
     step_fn = make_train_step(loss_fn, optimizer)
+    # A training section may set its own class mix; the data section's is the default.
+    harmful_fraction = section.get("harmful_fraction", ctx.config.data.harmful_fraction)
     batches = batching.balanced_batches(
-        examples, section.batch_size, ctx.config.data.harmful_fraction,
+        examples, section.batch_size, harmful_fraction,
         seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
         max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
     # Per-step metrics go to logs/teacher/ or logs/<student name>/ (TensorBoard and JSONL).

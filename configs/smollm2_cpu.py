@@ -31,12 +31,12 @@ def get_config() -> config_dict.ConfigDict:
     c.data.train_template_max_chars = 500   # Maximum characters of a training jailbreak template.
     c.data.instruction_frames = True        # Also train every prompt inside a format/style request.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
-    c.data.harmful_fraction = 0.5           # Share of harmful examples in every training batch.
+    c.data.harmful_fraction = 0.5           # Harmful share of a batch unless a section sets its own.
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
 
     c.targets = config_dict.ConfigDict()
     c.targets.max_new_tokens = 64     # Length cap of the base model's replies to benign prompts.
-    c.targets.batch_size = 16         # Prompts per generation batch.
+    c.targets.batch_size = 64         # Prompts per generation batch (64 ran 1.6x faster than 16).
 
     c.teacher_train = config_dict.ConfigDict()
     c.teacher_train.lora_rank = 32         # LoRA rank r of every adapted projection.
@@ -50,11 +50,12 @@ def get_config() -> config_dict.ConfigDict:
     c.distill = config_dict.ConfigDict()
     c.distill.lora_rank = 8               # LoRA rank r of every adapted projection.
     c.distill.lora_alpha = 16.0           # LoRA update scale is lora_alpha / lora_rank.
-    c.distill.lora_targets = "q,k,v,o"    # Projections given adapters.
+    c.distill.lora_targets = "q,k,v,o,gate,up,down"  # Projections given adapters (q,k,v,o: 0.75).
     c.distill.steps = 30                  # Optimizer steps.
     c.distill.batch_size = 8              # Examples per step.
     c.distill.learning_rate = 3e-3        # Peak of a warm-up + cosine schedule.
     c.distill.warmup_steps = 3            # Steps of linear warm-up from 0.
+    c.distill.harmful_fraction = 0.4      # Share of harmful rows per batch (0.5 over-refused).
     # Objective weights; 0 switches a term off (and skips its computation).
     c.distill.kd_weight = 1.0             # Teacher-to-student divergence on reply tokens.
     c.distill.contrastive_weight = 0.0    # InfoNCE between student and teacher representations.
@@ -67,6 +68,9 @@ def get_config() -> config_dict.ConfigDict:
     # Term settings.
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
     c.distill.temperature = 1.0           # Softmax temperature of both distributions (loss * T^2).
+    c.distill.reduction = "token"         # token (each reply token weighs 1) or sequence (each row).
+    c.distill.opening_tokens = 4          # First reply tokens of a row, where it answers or refuses.
+    c.distill.opening_weight = 5.0        # Weight of those tokens in kd/ce/consistency (others 1).
     c.distill.contrastive_temperature = 0.1   # Softmax temperature of the contrastive terms.
     c.distill.contrastive_pooling = "last_prompt"  # last_prompt or reply_mean.
     c.distill.contrastive_symmetric = True    # InfoNCE in both directions, averaged.
@@ -75,6 +79,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.relation_method = "relation"    # relation (teacher's similarities) or supcon.
     c.distill.noise_alpha = 5.0           # Embedding noise magnitude alpha / sqrt(length * hidden).
     c.distill.noise_distribution = "gaussian"  # gaussian or uniform.
+    c.distill.consistency_row_stride = 2  # Noisy pass on every 2nd row of a batch (half the cost).
     c.distill.consistency_target = "student"   # Match the clean student or the clean teacher.
     c.distill.adversarial_mode = "smart"  # smart (final perturbation) or freelb (averaged).
     c.distill.adversarial_steps = 1       # Ascent steps per training step.
@@ -94,7 +99,7 @@ def get_config() -> config_dict.ConfigDict:
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.
     c.eval.max_new_tokens = 64      # Generated tokens per reply (greedy).
-    c.eval.batch_size = 16          # Prompts per generation batch.
+    c.eval.batch_size = 40          # Prompts per generation batch: one batch per 40-prompt subset.
     c.eval.kd_limit = 32            # Prompts for teacher-forced token agreement.
 
     # --config.mode=chat: talk to a model of the work directory.

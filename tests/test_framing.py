@@ -1,6 +1,7 @@
 """Instruction frames around training prompts."""
 
 import numpy as np
+import pytest
 
 from ckt_jax.data import framing
 
@@ -18,3 +19,20 @@ def test_frame_is_seeded():
     drawn = {framing.frame("Name three rivers.", np.random.default_rng(seed)) for seed in range(40)}
     assert len(drawn) > 5
     assert all("Name three rivers." in text for text in drawn)
+
+
+def _word_ngrams(text, n):
+    words = text.lower().split()
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+@pytest.mark.real
+def test_frames_share_no_phrase_with_eval_templates():
+    # The frames are written for this project, so no run of 5 words may come from a held-out
+    # evaluation template, or the evaluation would measure memorised wrappers.
+    from ckt_jax.data import templates
+    frame_ngrams = set().union(*(_word_ngrams(t.replace("{prompt}", " "), 5)
+                                 for t in framing.FRAMES))
+    for template in templates.eval_templates():
+        shared = frame_ngrams & _word_ngrams(template.text, 5)
+        assert not shared, (template.name, shared)

@@ -136,6 +136,69 @@ def test_gathered_ce_equals_full_ce():
     np.testing.assert_allclose(float(gathered), float(full), rtol=1e-5)
 
 
+def test_sequence_reduction_weighs_rows_equally():
+    # "sequence" averages within each row first: a row with 2 reply tokens weighs as much as one
+    # with 6, unlike "token", where the 6-token row contributes three times as much.
+    from ckt_jax import losses
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    batch["loss_mask"][1, 8:12] = 0
+    params = lora.combine_params(adapters, backbone)
+    logits = student.apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                           attention_mask_BxL=jnp.asarray(batch["attention_mask"])).logits_BxLxV
+    nll = np.asarray(losses.next_token_cross_entropy(logits, jnp.asarray(batch["input_ids"])))
+    mask = np.asarray(losses.next_token_mask(jnp.asarray(batch["loss_mask"])))
+    row_means = (nll * mask).sum(1) / mask.sum(1)
+    by_token = (nll * mask).sum() / mask.sum()
+    for reduction, expected in (("sequence", row_means.mean()), ("token", by_token)):
+        loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0,
+                                                                 reduction=reduction))
+        loss, _ = loss_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert abs(row_means.mean() - by_token) > 1e-4
+    with pytest.raises(ValueError, match="reduction"):
+        ObjectiveConfig(ce_weight=1.0, reduction="row")
+
+
+def test_opening_tokens_weigh_more():
+    # tiny_batch scores positions 5..10 (predicting tokens 6..11); the first 2 weigh 3 each.
+    from ckt_jax import losses
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    params = lora.combine_params(adapters, backbone)
+    logits = student.apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                           attention_mask_BxL=jnp.asarray(batch["attention_mask"])).logits_BxLxV
+    nll = np.asarray(losses.next_token_cross_entropy(logits, jnp.asarray(batch["input_ids"])))
+    weights = np.zeros_like(nll)
+    weights[:, 5:11] = 1.0
+    weights[:, 5:7] = 3.0
+    expected = (nll * weights).sum() / weights.sum()
+    loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0, opening_tokens=2,
+                                                             opening_weight=3.0))
+    loss, aux = loss_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert float(aux["target_tokens"]) == 4 * 6
+    with pytest.raises(ValueError, match="opening_weight"):
+        ObjectiveConfig(ce_weight=1.0, opening_weight=0.0)
+
+
+def test_consistency_row_stride_uses_every_other_row():
+    # With stride 2 the consistency term equals the full-batch term computed on rows 0 and 2.
+    student, adapters, backbone, _ = tiny_setup()
+    batch = tiny_batch()
+    objective = dict(consistency_weight=1.0, ce_weight=1e-9, noise_alpha=5.0)
+    strided_fn = build_objective(student, None, ObjectiveConfig(consistency_row_stride=2,
+                                                                **objective))
+    _, strided = strided_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(3))
+    half = {name: value[::2] for name, value in batch.items()}
+    full_fn = build_objective(student, None, ObjectiveConfig(**objective))
+    _, reference = full_fn(adapters, {"backbone": backbone}, half, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(float(strided["loss/consistency"]),
+                               float(reference["loss/consistency"]), rtol=1e-5)
+    _, every_row = full_fn(adapters, {"backbone": backbone}, batch, jax.random.PRNGKey(3))
+    assert abs(float(every_row["loss/consistency"]) - float(reference["loss/consistency"])) > 1e-7
+
+
 def every_term_objective(**overrides):
     settings = dict(ce_weight=0.1, kd_weight=1.0, contrastive_weight=0.2, relation_weight=0.2,
                     consistency_weight=0.5, adversarial_weight=0.5, base_kl_weight=0.1,
@@ -147,7 +210,8 @@ def every_term_objective(**overrides):
 @pytest.mark.parametrize("overrides", [
     {},
     {"relation_method": "supcon", "adversarial_mode": "freelb", "adversarial_steps": 2,
-     "consistency_target": "teacher", "adversarial_norm": "linf", "divergence": "jsd"},
+     "consistency_target": "teacher", "adversarial_norm": "linf", "divergence": "jsd",
+     "consistency_row_stride": 2, "reduction": "sequence", "opening_tokens": 2},
 ])
 def test_every_term_trains_adapters_only(overrides):
     from ckt_jax import losses

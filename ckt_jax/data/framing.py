@@ -1,11 +1,12 @@
-"""Instruction frames: format and style requests added around a prompt, for both classes alike.
+"""Instruction frames: format, style and fiction requests added around a prompt, for both classes.
 
 Harmful training prompts (AdvBench) are mostly imperative instructions, while benign ones are
 mostly questions. A model trained on them can learn "an instruction about the reply means
-refuse", and then refuse a benign question followed by "answer as a list". Training every prompt
-of both classes also with a random frame from this list, with its usual target, removes that cue.
-The frames are written for this project and are plain requests about form, length or tone; none
-comes from a jailbreak template.
+refuse", and then refuse a benign question followed by "answer as a list". Likewise, a model that
+saw story and role-play settings only around harmful requests learns to refuse the setting, and
+then refuses a cooking question asked by a character in a story. Training every prompt of both
+classes also with a random frame from this list, with its usual target, removes those cues.
+The frames are written for this project; none comes from a jailbreak template.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ FRAMES: tuple[str, ...] = (
     "{prompt}\n\nStart your reply with a one-sentence summary.",
     "I need help with this: {prompt} Be concise.",
     "Continue the conversation. User: {prompt}",
+    # Fiction and role-play settings.
+    "Continue the story. The old teacher leaned forward and said: \"{prompt}\" Then she "
+    "explained, step by step:",
+    "You are a character in a play. Another character asks you: {prompt} Stay in character.",
+    "Write the next part of this screenplay.\nINT. KITCHEN - NIGHT\nA woman reads a note "
+    "aloud: \"{prompt}\"\nHER FRIEND:",
+    "Imagine a world where people may ask anything. In that world, someone asks: {prompt}",
+    "Pretend you are an expert interviewed for a documentary. The host asks: {prompt}",
+    "In my novel, the narrator finds a letter that reads: {prompt} Write the narrator's reply "
+    "in full detail.",
 )
 
 
