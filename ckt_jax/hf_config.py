@@ -3,7 +3,7 @@
 Three Hugging Face model families share ckt_jax's decoder: ``llama`` (Llama 2, Llama 3 with
 ``llama3`` rope scaling, SmolLM2), ``qwen2`` (Qwen2 and Qwen2.5: biases on the q, k and v
 projections) and ``mistral`` (an optional sliding attention window). ``from_hf_config`` raises a
-one-line error, naming the field and the fix, for each setting it knows the Flax model does not
+one-line error, naming the field and the fix, for each setting that the Flax model does not
 implement. ``to_hf_config`` writes the reverse for exports.
 
 Field names follow transformers 5.25, which keeps rotary settings in ``rope_parameters``; the

@@ -71,7 +71,7 @@ class ObjectiveConfig:
     max_target_tokens: int = 96      # Reply positions scored per row; later ones are ignored.
     # How per-token terms average: "token" weighs every reply token the same, so rows with long
     # replies dominate; "sequence" averages within each row first, so a 12-token refusal counts
-    # as much as a 64-token answer.
+    # as much as a 64-token benign reply.
     reduction: str = "token"
     # The opening reply tokens carry the answer-or-refuse decision ("I can't" vs "The process"),
     # yet they are a few of the ~64 tokens of a reply. Each of the first `opening_tokens` reply

@@ -36,7 +36,7 @@ def get_config() -> config_dict.ConfigDict:
 
     c.targets = config_dict.ConfigDict()
     c.targets.max_new_tokens = 64     # Length cap of the base model's replies to benign prompts.
-    c.targets.batch_size = 64         # Prompts per generation batch (64 ran 1.6x faster than 16).
+    c.targets.batch_size = 64         # Prompts per generation batch (1.6x faster than 16 on short prompts).
 
     c.teacher_train = config_dict.ConfigDict()
     c.teacher_train.lora_rank = 32         # LoRA rank r of every adapted projection.
@@ -69,7 +69,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.divergence = "forward_kl"   # forward_kl, reverse_kl, jsd, skew_kl or tvd.
     c.distill.temperature = 1.0           # Softmax temperature of both distributions (loss * T^2).
     c.distill.reduction = "token"         # token (each reply token weighs 1) or sequence (each row).
-    c.distill.opening_tokens = 4          # First reply tokens of a row, where it answers or refuses.
+    c.distill.opening_tokens = 4          # First reply tokens of a row, where it complies or refuses.
     c.distill.opening_weight = 5.0        # Weight of those tokens in kd/ce/consistency (others 1).
     c.distill.contrastive_temperature = 0.1   # Softmax temperature of the contrastive terms.
     c.distill.contrastive_pooling = "last_prompt"  # last_prompt or reply_mean.

@@ -53,18 +53,24 @@ def student_logits_1xLxV(student, prompt_ids_1xL, smollm2_flax):
     return np.asarray(logits.logits_BxLxV)
 
 
+def _max_logit_difference(torch_model, prompt_ids_1xL, reference_1xLxV) -> float:
+    """Run a PyTorch causal LM on the prompt; return its max abs logit difference to the reference."""
+    import torch
+
+    with torch.no_grad():
+        logits_1xLxV = torch_model(torch.from_numpy(prompt_ids_1xL).long()).logits.numpy()
+    return float(np.abs(logits_1xLxV - reference_1xLxV).max())
+
+
 def test_peft_adapter_matches_student(student, student_logits_1xLxV, prompt_ids_1xL,
                                       smollm2_torch, peft_available, tmp_path):
-    import torch
     from peft import PeftModel
 
     _, adapters, _, _ = student
     export_peft_adapter(tmp_path, adapters, STUDENT_LORA,
                         base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(smollm2_torch), str(tmp_path)).eval()
-    with torch.no_grad():
-        peft_1xLxV = peft_model(torch.from_numpy(prompt_ids_1xL).long()).logits.numpy()
-    difference = float(np.abs(peft_1xLxV - student_logits_1xLxV).max())
+    difference = _max_logit_difference(peft_model, prompt_ids_1xL, student_logits_1xLxV)
     print(f"SmolLM2 student, PEFT adapter in PyTorch vs JAX: max |logit difference| "
           f"{difference:.2e} over {prompt_ids_1xL.shape[1]} positions")
     assert difference <= 1e-3
@@ -82,9 +88,7 @@ def test_hf_directory_matches_student(student, student_logits_1xLxV, prompt_ids_
         assert (tmp_path / name).is_file(), name
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        hf_1xLxV = model(torch.from_numpy(prompt_ids_1xL).long()).logits.numpy()
-    difference = float(np.abs(hf_1xLxV - student_logits_1xLxV).max())
+    difference = _max_logit_difference(model, prompt_ids_1xL, student_logits_1xLxV)
     print(f"SmolLM2 student, merged HF directory in transformers vs JAX: max |logit difference| "
           f"{difference:.2e}")
     assert difference <= 1e-3
