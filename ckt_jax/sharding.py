@@ -110,7 +110,7 @@ def _axis_size(mesh: Mesh, axis) -> int:
 
 
 def check_model_fits_mesh(model_config, mesh: Mesh, which: str = "model") -> None:
-    """Raise a one-line ValueError when a mesh axis does not divide the model dimension it splits."""
+    """Raise a one-line ValueError when a mesh axis does not divide the dimension it splits."""
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     # num_kv_heads comes first: an axis that divides it also divides num_heads.
     splits = (

@@ -44,7 +44,7 @@ def forward_flops(config: LlamaConfig, batch_size: int, length: int, scored_posi
 
 def objective_flops(objective: ObjectiveConfig, student: LlamaConfig, lora: LoraConfig,
                     teacher: LlamaConfig | None, batch_size: int, length: int) -> float:
-    """Estimate the model FLOPs of one train step of `objective` on a `batch_size x length` batch."""
+    """Estimate the model FLOPs of one train step of `objective` on `batch_size x length` tokens."""
     scored = objective.max_target_tokens
     student_pass = forward_flops(student, batch_size, length, scored, lora)
     passes_with_gradient = 1

@@ -69,7 +69,7 @@ class Precision:
 
 @dataclasses.dataclass(frozen=True)
 class StepShardings:
-    """Shardings of the train step's arguments; trees match the adapter, optimizer and frozen trees."""
+    """Shardings of the train step's arguments, as trees shaped like the trees they shard."""
 
     mesh: Mesh
     adapter: Any
@@ -255,9 +255,11 @@ def train_loop(
         if on_metrics is not None:
             on_metrics(step, metrics)
 
-        stop = stop_signal is not None and stop_signal.requested()
         if checkpoints is not None:
             checkpoints.record_metrics(step, metrics)
+        # Checked after every step's own work, so a SIGTERM during step k saves step k.
+        stop = stop_signal is not None and stop_signal.requested()
+        if checkpoints is not None:
             if stop or step == num_steps or checkpoints.due(step):
                 state = {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng}
                 checkpoints.save(step, state, getattr(batches, "position", step))
