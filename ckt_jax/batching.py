@@ -152,8 +152,8 @@ class BatchStream:
     """An endless batch iterator that can be resumed exactly: batch k depends only on (seed, k).
 
     `position` counts the batches taken so far and is stored in training checkpoints. `skip_to`
-    replays the seeded example order without padding anything, so a resumed run sees exactly the
-    batches an uninterrupted run would have seen. `rows` selects the rows of each global batch that
+    replays the seeded example order without padding anything, so a resumed run gets exactly the
+    batches an uninterrupted run would have got. `rows` selects the rows of each global batch that
     this process pads (all rows when None); see `ckt_jax.sharding.host_rows`.
     """
 

@@ -18,7 +18,7 @@ a save leaves only that temporary directory. `TrainCheckpoints` logs such direct
 them, and resumes from the newest complete step. The newest `keep_last` steps and the `keep_best`
 steps with the best `best_metric` are kept; older ones are deleted after each save.
 
-`metrics.jsonl` next to the step directories holds one line of training metrics per step,
+`metrics.jsonl` next to the step directories contains one line of training metrics per step,
 written by process 0. On restore, lines after the restored step are dropped.
 """
 

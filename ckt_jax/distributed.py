@@ -59,7 +59,7 @@ def validate_config(dist_config) -> None:
 
 
 def initialize(dist_config) -> bool:
-    """Start the JAX distributed runtime when the config or environment asks for it.
+    """Start the JAX distributed runtime when the config or the environment requests it.
 
     Returns whether it was started. Call it before any other JAX function: afterwards the device
     list is fixed.
@@ -115,8 +115,8 @@ def run_on_primary(name: str, fn: Callable[[], None]) -> None:
         ok = False
         raise
     finally:
-        # NOTE: the other processes wait here in a collective for as long as `fn` runs; a
-        # runtime with a collective timeout shorter than the stage fails at this point.
+        # NOTE: the other processes wait here in a collective for as long as `fn` runs. A
+        # runtime whose collective timeout is shorter than the stage fails at this point.
         status = multihost_utils.broadcast_one_to_all(np.asarray(ok, np.int32))
         if not is_primary() and not int(status):
             raise RuntimeError(f"{name} failed on process 0; see its log")

@@ -2,10 +2,10 @@
 
 The mesh has three named axes, outermost first:
 
-    data    data parallelism: batch rows are split, parameters are replicated;
-    fsdp    fully sharded data parallelism: batch rows are split too, and every large parameter
-            is split along its hidden-size dimension D; XLA gathers a weight where a layer uses it;
-    tensor  tensor parallelism: attention heads, MLP columns and the vocabulary are split.
+    data    data parallelism. Batch rows are split and parameters are replicated.
+    fsdp    fully sharded data parallelism. Batch rows are split too, and every large parameter
+            is split along its hidden-size dimension D. XLA gathers a weight where a layer uses it.
+    tensor  tensor parallelism. Attention heads, MLP columns and the vocabulary are split.
 
 Batch rows are split over `data x fsdp`. A parameter's partition spec follows from its path (see
 `PARAM_RULES`); layers sit under `nn.scan`, so their leaves have a leading layer axis that is
@@ -68,9 +68,8 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
     if rest:
         if num_devices % fixed:
             raise ValueError(
-                f"config.mesh fixes {fixed} devices per data group, which does not divide the "
-                f"{num_devices} devices; make the product of the sizes other than -1 divide "
-                f"{num_devices}")
+                f"config.mesh sizes other than -1 multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices; make that product divide {num_devices}")
         sizes[rest[0]] = num_devices // fixed
     elif fixed != num_devices:
         shape = "x".join(str(sizes[name]) for name in AXES)
@@ -109,7 +108,7 @@ def _axis_size(mesh: Mesh, axis) -> int:
     return int(np.prod([mesh.shape[name] for name in names]))
 
 
-def check_model_fits_mesh(model_config, mesh: Mesh, which: str = "model") -> None:
+def check_model_fits_mesh(model_config, mesh: Mesh, model_name: str = "model") -> None:
     """Raise a one-line ValueError when a mesh axis does not divide the dimension it splits."""
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
     # num_kv_heads comes first: an axis that divides it also divides num_heads.
@@ -124,7 +123,7 @@ def check_model_fits_mesh(model_config, mesh: Mesh, which: str = "model") -> Non
         if value % size:
             divisors = [str(d) for d in range(1, min(value, 64) + 1) if value % d == 0]
             raise ValueError(
-                f"config.mesh.{axis}={size} does not divide {field}={value} of the {which}; set "
+                f"config.mesh.{axis}={size} does not divide {field}={value} of the {model_name}; set "
                 f"config.mesh.{axis} to a divisor of {value} ({', '.join(divisors)})")
 
 
@@ -219,7 +218,8 @@ class BatchPlacer:
 
         def shard(index):
             # Map the global rows of this device's shard to positions in the local array.
-            wanted = np.arange(*index[0].indices(self.global_batch_size))
-            return local_value[np.searchsorted(self.rows, wanted)][(slice(None),) + index[1:]]
+            global_rows = np.arange(*index[0].indices(self.global_batch_size))
+            local_rows = np.searchsorted(self.rows, global_rows)
+            return local_value[local_rows][(slice(None),) + index[1:]]
 
         return jax.make_array_from_callback(global_shape, self.sharding, shard)

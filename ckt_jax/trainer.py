@@ -71,34 +71,20 @@ def run_training(
         checkpoints = checkpoint.TrainCheckpoints(
             checkpoint_dir, checkpoint_options or checkpoint.CheckpointOptions(), identity)
 
-    frozen_params = sharding_lib.put_tree(frozen_params, frozen_shardings)
-    adapter_params = sharding_lib.put_tree(adapter_params, adapter_shardings)
-    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(adapter_params)
-    rng = sharding_lib.put(rng, shardings.replicated)
-
-    start_step, history = 0, []
-    latest = checkpoints.latest_step() if checkpoints is not None else None
-    if latest is not None:
-        abstract = checkpoint.abstract_like(
-            {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng})
-        state, meta = checkpoints.restore(latest, abstract)
-        adapter_params, opt_state, rng = state["adapter_params"], state["opt_state"], state["rng"]
-        start_step = int(meta["step"])
-        batches.skip_to(int(meta["data_position"]))
-        history = checkpoints.read_metrics(start_step)
-        logging.info("%s: resumed from checkpoint step %d of %d in %s", name, start_step,
-                     num_steps, checkpoints.directory)
-
-    placer = sharding_lib.BatchPlacer(mesh, batch_size)
-    batches.rows = placer.rows
-    step_fn = make_train_step(loss_fn, optimizer, accumulation_steps=accumulation_steps,
-                              shardings=shardings)
-    throughput = Throughput(flops_per_step, peak_flops_per_device, num_devices=mesh.size)
-    logging.info("%s: mesh %s over %d processes, %d rows of each batch of %d on this process",
-                 name, sharding_lib.describe(mesh), jax.process_count(), len(placer.rows),
-                 batch_size)
+    # From here on SIGTERM only sets a flag, and the loop saves and stops after the current step.
     try:
         with distributed.StopSignal() as stop_signal:
+            adapter_params, opt_state, frozen_params, rng, start_step, history = _initial_state(
+                name, adapter_params, frozen_params, rng, optimizer, shardings, batches,
+                checkpoints, num_steps)
+            placer = sharding_lib.BatchPlacer(mesh, batch_size)
+            batches.rows = placer.rows
+            step_fn = make_train_step(loss_fn, optimizer, accumulation_steps=accumulation_steps,
+                                      shardings=shardings)
+            throughput = Throughput(flops_per_step, peak_flops_per_device, num_devices=mesh.size)
+            logging.info("%s: mesh %s over %d processes, %d rows of each batch of %d on this "
+                         "process", name, sharding_lib.describe(mesh), jax.process_count(),
+                         len(placer.rows), batch_size)
             adapter_params, opt_state, history = train_loop(
                 step_fn=step_fn, adapter_params=adapter_params, opt_state=opt_state,
                 frozen_params=frozen_params, batches=batches, num_steps=num_steps, rng=rng,
@@ -109,3 +95,32 @@ def run_training(
         if checkpoints is not None:
             checkpoints.close()
     return adapter_params, history
+
+
+def _initial_state(name, adapter_params, frozen_params, rng, optimizer, shardings,
+                   batches, checkpoints, num_steps):
+    """Place the trees on the mesh and restore the newest checkpoint, if there is one.
+
+    Returns (adapter_params, opt_state, frozen_params, rng, start_step, history).
+    """
+    frozen_params = sharding_lib.put_tree(frozen_params, shardings.frozen)
+    adapter_params = sharding_lib.put_tree(adapter_params, shardings.adapter)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(adapter_params)
+    rng = sharding_lib.put(rng, shardings.replicated)
+    latest = checkpoints.latest_step() if checkpoints is not None else None
+    if latest is None:
+        if checkpoints is not None:
+            # Drop metrics of a run that was killed before its first checkpoint.
+            checkpoints.read_metrics(0)
+        return adapter_params, opt_state, frozen_params, rng, 0, []
+
+    abstract = checkpoint.abstract_like(
+        {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng})
+    state, meta = checkpoints.restore(latest, abstract)
+    start_step = int(meta["step"])
+    batches.skip_to(int(meta["data_position"]))
+    history = checkpoints.read_metrics(start_step)
+    logging.info("%s: resumed from checkpoint step %d of %d in %s", name, start_step, num_steps,
+                 checkpoints.directory)
+    return (state["adapter_params"], state["opt_state"], frozen_params, state["rng"], start_step,
+            history)

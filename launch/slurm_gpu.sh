@@ -4,8 +4,8 @@
 #   bash launch/slurm_gpu.sh [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]
 #       [--partition P] [--account A] [--dry-run] CONFIG WORKDIR [--config.field=value ...]
 #
-# It submits this script with sbatch; inside the allocation it installs the CUDA dependencies
-# once (bash launch/setup.sh cuda12) and starts ckt_jax.main on every node with srun. JAX reads
+# It submits this script with sbatch. Inside the allocation, the script installs the CUDA
+# dependencies once (bash launch/setup.sh cuda12) and starts ckt_jax.main on every node with srun. JAX reads
 # the process count, rank and coordinator from the SLURM variables. The repository and WORKDIR
 # must be on a file system that every node sees. SLURM sends SIGTERM 120 s before the time limit
 # (--signal), the run saves a checkpoint and exits, and a requeued or resubmitted job resumes

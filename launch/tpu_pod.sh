@@ -6,9 +6,9 @@
 #
 # It packs the committed tree (git HEAD), copies it to every worker, and there installs the TPU
 # dependencies (bash launch/setup.sh tpu) and starts ckt_jax.main with
-# --config.distributed.initialize=on, so JAX finds the other workers itself. WORKDIR must be a
-# directory that every worker sees at the same path (an NFS or gcsfuse mount): checkpoints and
-# stage outputs are shared. A pre-empted run saves a checkpoint on SIGTERM; run the same command
+# --config.distributed.initialize=on, so JAX finds the other workers itself. WORKDIR must be
+# mounted at the same path on every worker (NFS or gcsfuse), because the workers share its
+# checkpoints and stage outputs. A pre-empted run saves a checkpoint on SIGTERM; run the same command
 # again to resume. --dry-run prints the commands and runs nothing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from jax.sharding import AbstractMesh, PartitionSpec
@@ -61,18 +62,26 @@ def max_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    """3- and 5-step runs on one CPU device in this process, and the checkpoint of step 3."""
+    """A 5-step run on one CPU device in this process, with checkpoints of steps 3 and 5.
+
+    The learning-rate schedule does not depend on the step count, so its first 3 steps are the
+    3-step run that the other meshes repeat.
+    """
     assert jax.device_count() == 1, "run this module in a process with one CPU device"
-    setup = tiny_training.build(seed=0, steps=3)
+    setup = tiny_training.build(seed=0, steps=5)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     directory = tmp_path_factory.mktemp("one_device") / "checkpoints"
-    adapters3, history3 = tiny_training.run(
+    adapters5, history5 = tiny_training.run(
         setup, mesh, checkpoint_dir=directory,
         checkpoint_options=checkpoint.CheckpointOptions(every_steps=3, async_save=False))
-    adapters5, history5 = tiny_training.run(dict(setup, steps=5), mesh)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    state3 = manager.restore(3, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    manager.close()
+    losses5 = [row["loss"] for row in history5]
     return {"setup": setup, "checkpoint_dir": directory,
-            "losses3": [row["loss"] for row in history3], "adapters3": flat_numpy(adapters3),
-            "losses5": [row["loss"] for row in history5], "adapters5": flat_numpy(adapters5)}
+            "losses3": losses5[:3], "adapters3": flat_numpy(state3["adapter_params"]),
+            "losses5": losses5, "adapters5": flat_numpy(adapters5)}
 
 
 def test_meshes_match_one_device(one_device, subprocess_env, tmp_path):
@@ -94,6 +103,7 @@ def test_restore_onto_other_mesh(one_device, subprocess_env, tmp_path):
     # A checkpoint saved on one device resumes on a 2 x 2 x 2 mesh of 8 devices.
     checkpoint_dir = tmp_path / "checkpoints"
     shutil.copytree(one_device["checkpoint_dir"], checkpoint_dir)
+    shutil.rmtree(checkpoint_dir / "5")
     result = run_script(subprocess_env, "--out", str(tmp_path / "out"), "--steps", "5",
                         "--devices", "8", "--mesh", "2,2,2", "--checkpoint-dir",
                         str(checkpoint_dir))
@@ -191,6 +201,7 @@ def test_partition_rules_cover_every_leaf():
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
     flat = traverse_util.flatten_dict(shapes["params"])
     flat[("contrastive_head", "Dense_0", "kernel")] = jax.ShapeDtypeStruct((32, 32), jnp.float32)
+
     mesh = abstract_mesh(2, 2, 2)
     specs = {"/".join(p): sharding.partition_spec(p, v.shape, mesh) for p, v in flat.items()}
     expected = {
@@ -209,10 +220,35 @@ def test_partition_rules_cover_every_leaf():
     }
     for name, spec in expected.items():
         assert specs[name] == spec, name
+
     # A teacher or backbone tree nests the same paths under a prefix.
     assert sharding.partition_spec(("teacher", "embed", "embedding"), (96, 32),
                                    mesh) == PartitionSpec("tensor", "fsdp")
+
     with pytest.raises(ValueError, match="no partition rule matches parameter extra/w"):
         sharding.partition_spec(("extra", "w"), (4,), mesh)
     with pytest.raises(ValueError, match="config.mesh.tensor=2 does not divide dimension 97"):
         sharding.partition_spec(("embed", "embedding"), (97, 32), mesh)
+
+
+def test_optimizer_state_follows_params():
+    from ckt_jax import lora
+    from ckt_jax.train import opt_state_shardings
+
+    setup = {"layers": {"attn": {"q": {"lora_a": np.zeros((2, 32, 4), np.float32),
+                                       "lora_b": np.zeros((2, 4, 32), np.float32)}}}}
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    adapter_shardings = sharding.param_shardings(setup, mesh)
+    optimizer = lora.make_adapter_optimizer(1e-3)
+    state_shardings = opt_state_shardings(optimizer, setup, adapter_shardings, mesh)
+    specs = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state_shardings)[0]:
+        specs[jax.tree_util.keystr(path)] = leaf.spec
+    moments = {k: v for k, v in specs.items() if ".mu[" in k or ".nu[" in k}
+    assert len(moments) == 4
+    for key, spec in moments.items():
+        expected = (PartitionSpec(None, "fsdp", None) if "lora_a" in key
+                    else PartitionSpec(None, None, "tensor"))
+        assert spec == expected, key
+    counters = [v for k, v in specs.items() if k.endswith(".count")]
+    assert counters and all(spec == PartitionSpec() for spec in counters)

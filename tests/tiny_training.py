@@ -7,7 +7,7 @@ flags, so the multi-device, multi-process and resume tests share it:
     python tests/tiny_training.py --out DIR --steps 3 --devices 8 --mesh 2,2,2
 
 `--print-steps` prints `step N` after each step and `saving N` when a checkpoint save starts, so a
-test can kill the process at chosen moments; `--kill-after-save N` sends SIGKILL to the process
+test can kill the process at chosen moments. `--kill-after-save N` sends SIGKILL to the process
 itself right after the save of step N starts, while orbax is still writing it.
 """
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--print-steps", action="store_true")
     parser.add_argument("--kill-after-save", type=int, default=0)
     parser.add_argument("--sleep-per-step", type=float, default=0.0,
-                        help="seconds to sleep after each step, to give signals time to arrive")
+                        help="seconds to sleep before each step, so kills land inside the run")
     return parser.parse_args(argv)
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
                                     checkpoint_dir=args.checkpoint_dir or None,
                                     checkpoint_options=options)
         except train.TrainingStopped as stopped:
-            print(stopped, flush=True)
+            print(stopped, file=sys.stderr, flush=True)
             sys.exit(143)
         write_results(run_dir, adapters, history)
 
@@ -99,10 +99,11 @@ def _instrument(args) -> None:
     import signal
     import time
 
-    from ckt_jax import checkpoint
+    from ckt_jax import batching, checkpoint
 
     original_save = checkpoint.TrainCheckpoints.save
     original_record = checkpoint.TrainCheckpoints.record_metrics
+    original_next = batching.BatchStream.__next__
 
     def save(self, step, state, data_position):
         original_save(self, step, state, data_position)
@@ -113,11 +114,16 @@ def _instrument(args) -> None:
     def record_metrics(self, step, metrics):
         original_record(self, step, metrics)
         print(f"step {step}", flush=True)
+
+    def next_batch(self):
+        # At the start of a step: after the previous step's checkpoint save has started.
         if args.sleep_per_step:
             time.sleep(args.sleep_per_step)
+        return original_next(self)
 
     checkpoint.TrainCheckpoints.save = save
     checkpoint.TrainCheckpoints.record_metrics = record_metrics
+    batching.BatchStream.__next__ = next_batch
 
 
 TINY_KW = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -148,8 +154,8 @@ def build(seed: int, steps: int):
     adapters, backbone = lora.split_params(full)
     # Non-zero lora_b, so that every adapter leaf moves from the first step on.
     adapters = jax.tree_util.tree_map(lambda x: x + np.float32(0.01), adapters)
-    # The teacher is placed and fingerprinted but unused: a kd term would double the compile
-    # time of every test that uses this model.
+    # The teacher is placed and fingerprinted but unused: a kd term would about double the
+    # compile time of every test that uses this model.
     objective = ObjectiveConfig(ce_weight=1.0, consistency_weight=0.5, l2_weight=1e-3,
                                 max_target_tokens=16)
     loss_fn = build_objective(student, teacher, objective)
