@@ -427,8 +427,10 @@ def run_teacher(ctx: Context) -> None:
         return
     section = ctx.config.teacher_train
     model_config, base_params = ctx.base
-    # Before the examples are built, so a mesh that does not fit the model fails at once.
+    # Before the examples are built, so a mesh that does not fit fails at once.
     sharding.check_model_fits_mesh(model_config, ctx.mesh, "student")
+    sharding.check_batch_fits_mesh(section.batch_size, ctx.mesh, ctx.config.train.grad_accum_steps,
+                                   field="teacher_train.batch_size")
     adapters, history = train_adapters(
         ctx, name="teacher", section=section, lora_config=_lora_config(section),
         objective=ObjectiveConfig(ce_weight=1.0,
@@ -501,6 +503,8 @@ def run_distill(ctx: Context) -> None:
     section = ctx.config.distill
     model_config, base_params = ctx.base
     sharding.check_model_fits_mesh(model_config, ctx.mesh, "student")
+    sharding.check_batch_fits_mesh(section.batch_size, ctx.mesh, ctx.config.train.grad_accum_steps,
+                                   field="distill.batch_size")
     frozen = {"backbone": base_params, "teacher": teacher_params(ctx)}
     adapters, history = train_adapters(
         ctx, name="distill", section=section, lora_config=_lora_config(section),
