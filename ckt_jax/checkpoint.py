@@ -100,7 +100,7 @@ def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def first_difference(stored: Any, current: Any) -> str | None:
-    """Return `key: stored != current` for the first differing flattened key, or None."""
+    """Describe the first differing flattened key (`key: checkpoint A, now B`), or None."""
     old = _flatten(json.loads(json.dumps(stored)))
     new = _flatten(json.loads(json.dumps(current)))
     for key in sorted(set(old) | set(new)):

@@ -3,8 +3,9 @@
 The step is a pure function `(adapter_params, opt_state, frozen_params, batch, rng) ->
 (adapter_params, opt_state, metrics)`, compiled once per batch shape with the adapter and optimizer
 buffers donated. With `StepShardings` it is compiled for a device mesh with explicit input and
-output shardings; without, it runs on the default device. With `accumulation_steps > 1` the batch
-is split into that many micro-batches whose gradients are averaged before one optimizer update.
+output shardings, and without them it runs on the default device. With `accumulation_steps > 1`
+the batch is split into that many micro-batches whose gradients are averaged before one
+optimizer update.
 It reports every loss term plus gradient, parameter and update norms and the batch's real-token
 count.
 
@@ -233,7 +234,8 @@ def train_loop(
     history = list(history or [])
     primary = jax.process_index() == 0
     throughput = throughput or Throughput()
-    start = time.perf_counter()
+    # `seconds` counts training time over all runs, so it continues from a restored history.
+    start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     for step in range(start_step + 1, num_steps + 1):
         host_batch = next(batches)
         batch = place_batch(host_batch) if place_batch is not None else host_batch

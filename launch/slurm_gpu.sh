@@ -5,11 +5,13 @@
 #       [--partition P] [--account A] [--dry-run] CONFIG WORKDIR [--config.field=value ...]
 #
 # It submits this script with sbatch. Inside the allocation, the script installs the CUDA
-# dependencies once (bash launch/setup.sh cuda12) and starts ckt_jax.main on every node with srun. JAX reads
-# the process count, rank and coordinator from the SLURM variables. The repository and WORKDIR
-# must be on a file system that every node sees. SLURM sends SIGTERM 120 s before the time limit
-# (--signal), the run saves a checkpoint and exits, and a requeued or resubmitted job resumes
-# from it. --dry-run prints the sbatch command and the commands the job runs, and runs nothing.
+# dependencies once (bash launch/setup.sh cuda12) and starts ckt_jax.main on every node with
+# srun. JAX reads the process count, rank and coordinator from the SLURM variables. The
+# repository and WORKDIR must be mounted at the same path on every node. SLURM sends SIGTERM
+# 120 s before the time limit (--signal), the run saves a checkpoint and exits, and a requeued
+# or resubmitted job resumes from it. --dry-run prints the sbatch command and the commands the
+# job runs, and runs nothing.
+# NOTE: tested only through --dry-run, not on a SLURM cluster.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Inside the job, sbatch runs a copy of this script from its spool directory; --chdir makes the
@@ -19,7 +21,8 @@ if [ "${1:-}" = "--in-job" ]; then
 fi
 source "$root/launch/common.sh"
 
-usage="usage: bash launch/slurm_gpu.sh [--nodes N] [--gpus-per-node G] [--time HH:MM:SS] [--partition P] [--account A] [--dry-run] CONFIG WORKDIR [--config.field=value ...]"
+usage="usage: bash launch/slurm_gpu.sh [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]"
+usage+=" [--partition P] [--account A] [--dry-run] CONFIG WORKDIR [--config.field=value ...]"
 nodes=2 gpus=8 time_limit="04:00:00" partition="" account="" in_job=""
 while [ $# -gt 0 ]; do
   case "$1" in

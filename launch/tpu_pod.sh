@@ -8,13 +8,16 @@
 # dependencies (bash launch/setup.sh tpu) and starts ckt_jax.main with
 # --config.distributed.initialize=on, so JAX finds the other workers itself. WORKDIR must be
 # mounted at the same path on every worker (NFS or gcsfuse), because the workers share its
-# checkpoints and stage outputs. A pre-empted run saves a checkpoint on SIGTERM; run the same command
-# again to resume. --dry-run prints the commands and runs nothing.
+# checkpoints and stage outputs. A pre-empted run saves a checkpoint on SIGTERM, and the same
+# command run again resumes from it. --dry-run prints the commands and runs nothing.
+# NOTE: tested only through --dry-run; the gcloud flags follow the gcloud reference for
+# `compute tpus tpu-vm scp` and `ssh`, and the TPU image must provide python3 with venv.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/common.sh"
 
-usage="usage: bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] [--dry-run] CONFIG WORKDIR [--config.field=value ...]"
+usage="usage: bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] [--dry-run]"
+usage+=" CONFIG WORKDIR [--config.field=value ...]"
 tpu="" zone="" project=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -40,7 +43,8 @@ if [ -n "$project" ]; then
   gcloud_flags+=("--project=$project")
 fi
 archive="/tmp/ckt_jax-$tpu.tar.gz"
-remote_command="$(quote_command mkdir -p ckt_jax) && $(quote_command tar -xzf ckt_jax.tar.gz -C ckt_jax)"
+remote_command="$(quote_command mkdir -p ckt_jax)"
+remote_command+=" && $(quote_command tar -xzf ckt_jax.tar.gz -C ckt_jax)"
 remote_command+=" && cd ckt_jax && $(quote_command bash launch/setup.sh tpu)"
 remote_command+=" && $(quote_command env JAX_PLATFORMS=tpu .venv/bin/python -m ckt_jax.main \
   --config "$config" --workdir "$workdir" --config.distributed.initialize=on "$@")"
