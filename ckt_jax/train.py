@@ -135,6 +135,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         raise ValueError(f"config.train.grad_accum_steps={accumulation_steps} must be >= 1")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    # NOTE: accumulation averages the micro-batch losses, each already a mean over its own reply
+    # tokens. It equals the full-batch loss only when every micro-batch has as many scored
+    # tokens; otherwise tokens of short micro-batches weigh a little more.
     def accumulated_grads(adapter_params, frozen_params, batch, rng):
         micro_batches = split_micro_batches(
             batch, accumulation_steps, shardings.batch if shardings is not None else None)
