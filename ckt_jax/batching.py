@@ -12,6 +12,7 @@ instead of one per batch, and wrapped (long) prompts do not pad the plain batche
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Iterator, Sequence
 
@@ -57,13 +58,17 @@ def tokenize_examples(tokenizer, rows: Sequence[dict], max_seq_len: int,
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int, pad_multiple: int,
-              max_seq_len: int) -> dict[str, np.ndarray]:
+              max_seq_len: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Right-pad examples into int32 arrays `input_ids`, `attention_mask`, `loss_mask` (B x L).
 
-    Also returns `is_harmful` (B), 1 for harmful examples.
+    Also returns `is_harmful` (B), 1 for harmful examples. With `rows`, only those examples are
+    padded (B = len(rows)), to the length the whole batch needs: each process of a multi-host run
+    pads its own rows of a global batch.
     """
     longest = max(len(e.input_ids) for e in examples)
     length = min(max_seq_len, int(math.ceil(longest / pad_multiple) * pad_multiple))
+    if rows is not None:
+        examples = [examples[int(i)] for i in rows]
     batch = {
         "input_ids": np.full((len(examples), length), pad_id, np.int32),
         "attention_mask": np.zeros((len(examples), length), np.int32),
@@ -82,7 +87,17 @@ def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fract
                      seed: int, pad_id: int, max_seq_len: int, pad_multiple: int = 64,
                      pool_batches: int = 16, wrapped_fraction: float = 0.0,
                      ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield batches forever: `round(batch_size * harmful_fraction)` harmful examples each.
+    """Yield padded batches forever; see `balanced_example_batches` for how they are drawn."""
+    for chosen in balanced_example_batches(examples, batch_size, harmful_fraction, seed,
+                                           max_seq_len, pool_batches, wrapped_fraction):
+        yield pad_batch(chosen, pad_id, pad_multiple, max_seq_len)
+
+
+def balanced_example_batches(examples: Sequence[Example], batch_size: int,
+                             harmful_fraction: float, seed: int, max_seq_len: int,
+                             pool_batches: int = 16, wrapped_fraction: float = 0.0,
+                             ) -> Iterator[list[Example]]:
+    """Yield batches of examples forever: `round(batch_size * harmful_fraction)` harmful each.
 
     A share `wrapped_fraction` of the batches holds only wrapped examples, the rest only plain
     ones. Every (group, class) stream is reshuffled (with `seed`) each time it is exhausted, so
@@ -130,4 +145,59 @@ def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fract
                 order = rng.permutation(len(chosen))
                 batches.append([chosen[j] for j in order])
         for i in rng.permutation(len(batches)):
-            yield pad_batch(batches[i], pad_id, pad_multiple, max_seq_len)
+            yield batches[i]
+
+
+class BatchStream:
+    """An endless batch iterator that can be resumed exactly: batch k depends only on (seed, k).
+
+    `position` counts the batches taken so far and is stored in training checkpoints. `skip_to`
+    replays the seeded example order without padding anything, so a resumed run gets exactly the
+    batches an uninterrupted run would have got. `rows` selects the rows of each global batch that
+    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, harmful_fraction: float,
+                 seed: int, pad_id: int, max_seq_len: int, pad_multiple: int = 64,
+                 pool_batches: int = 16, wrapped_fraction: float = 0.0,
+                 rows: Sequence[int] | None = None):
+        self._make = lambda: balanced_example_batches(
+            examples, batch_size, harmful_fraction, seed, max_seq_len, pool_batches,
+            wrapped_fraction)
+        self._pad = dict(pad_id=pad_id, pad_multiple=pad_multiple, max_seq_len=max_seq_len)
+        self.rows = rows
+        self.seed = seed
+        self.position = 0
+        self._batches = self._make()
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        chosen = next(self._batches)
+        self.position += 1
+        return pad_batch(chosen, rows=self.rows, **self._pad)
+
+    def skip_to(self, position: int) -> None:
+        """Move to `position` batches from the start.
+
+        NOTE: replaying costs time linear in `position` (a few milliseconds per thousand batches
+        of 8), because the example order is drawn from one seeded generator.
+        """
+        if position < 0:
+            raise ValueError(f"batch position {position} is negative")
+        if position < self.position:
+            self._batches = self._make()
+            self.position = 0
+        while self.position < position:
+            next(self._batches)
+            self.position += 1
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> str:
+    """Return a SHA-256 hex digest of the examples' tokens, masks, labels and ids, in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(repr((example.input_ids, example.loss_mask, example.label,
+                            example.prompt_id, example.wrapped)).encode())
+    return digest.hexdigest()

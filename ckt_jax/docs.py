@@ -42,6 +42,16 @@ UNITS = {
     "chat.max_new_tokens": "tokens",
     "chat.temperature": NO_UNIT,
     "chat.top_p": "probability",
+    "mesh.data": "devices",
+    "mesh.fsdp": "devices",
+    "mesh.tensor": "devices",
+    "train.grad_accum_steps": "micro-batches",
+    "train.peak_flops_per_device": "FLOP/s",
+    "checkpoint.every_steps": "steps",
+    "checkpoint.keep_last": "checkpoints",
+    "checkpoint.keep_best": "checkpoints",
+    "distributed.num_processes": "processes",
+    "distributed.process_id": NO_UNIT,
 }
 for _section in ("teacher_train", "distill"):
     UNITS.update({

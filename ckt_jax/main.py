@@ -19,7 +19,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ckt_jax import modes, stages, workdir
+from ckt_jax import distributed, modes, sharding, stages, workdir
+from ckt_jax.train import TrainingStopped
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and the report.")
@@ -46,12 +47,20 @@ def parse_stages(text: str) -> list[str]:
     return [s for s in stages.STAGES if s in names]
 
 
+# Stages that every process runs together, sharded over the mesh. On a multi-process run the
+# other stages run on process 0 while the rest wait.
+SHARDED_STAGES = ("teacher", "distill")
+
+
 def run(config, workdir_path: str) -> None:
     mode = config.get("mode", "stages")
     if mode not in modes.MODES:
         raise ValueError(f"config.mode={mode!r} is invalid; use one of {', '.join(modes.MODES)}")
     selected = parse_stages(config.stages)
     stages.validate_config(config)
+    distributed.initialize(config.distributed)
+    if not distributed.is_primary():
+        logging.set_verbosity(logging.WARNING)
     ctx = stages.Context(config=config, root=workdir.prepare_workdir(workdir_path))
     if mode == "chat":
         modes.run_chat(ctx)
@@ -60,13 +69,18 @@ def run(config, workdir_path: str) -> None:
         modes.run_export(ctx)
         return
     logging.info("work directory %s, stages %s", ctx.root, ",".join(selected))
+    if any(name in SHARDED_STAGES for name in selected):
+        logging.info("training mesh %s", sharding.describe(ctx.mesh))
     runners = {"data": stages.run_data, "targets": stages.run_targets,
                "teacher": stages.run_teacher, "distill": stages.run_distill,
                "eval": stages.run_eval, "report": stages.run_report}
     for name in selected:
         started = time.perf_counter()
         logging.info("stage %s: start", name)
-        runners[name](ctx)
+        if name in SHARDED_STAGES:
+            runners[name](ctx)
+        else:
+            distributed.run_on_primary(f"stage {name}", lambda: runners[name](ctx))
         ctx.timings[name] = round(time.perf_counter() - started, 1)
         logging.info("stage %s: done in %.1f s", name, ctx.timings[name])
 
@@ -82,6 +96,11 @@ def main(argv) -> None:
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     try:
         run(_CONFIG.value, _WORKDIR.value)
+    except TrainingStopped as stopped:
+        # 128 + SIGTERM, the status a process killed by SIGTERM reports.
+        logging.warning("%s", stopped)
+        print(f"ckt_jax: {stopped}", file=sys.stderr)
+        sys.exit(143)
     except INPUT_ERRORS as err:
         if os.environ.get("CKT_JAX_TRACEBACK"):
             raise

@@ -120,7 +120,9 @@ def training_callback(writers: MetricWriters,
 
     def on_metrics(step: int, metrics: dict) -> None:
         scalars = {key: float(value) for key, value in metrics.items() if key != "step"}
-        step_seconds = scalars["seconds"] - previous_seconds[0]
+        # `seconds` continues across resumed runs, so the first step of a run has no previous
+        # value here; the loop's own `step_seconds` covers that case.
+        step_seconds = scalars.get("step_seconds", scalars["seconds"] - previous_seconds[0])
         previous_seconds[0] = scalars["seconds"]
         scalars["step_seconds"] = step_seconds
         scalars["tokens_per_second"] = scalars["tokens"] / max(step_seconds, 1e-9)

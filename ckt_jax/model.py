@@ -157,7 +157,7 @@ class LoraConfig:
 
 
 class LlamaOutput(NamedTuple):
-    logits_BxLxV: jax.Array  # float32 for any compute dtype
+    logits_BxLxV: jax.Array  # in Llama.output_dtype (float32 by default) for any compute dtype
     hidden_BxLxD: jax.Array  # after the final RMSNorm, i.e. the input of the LM head
     cache: Any  # updated KV cache, or None when called without one
 
@@ -376,8 +376,23 @@ class DecoderLayer(nn.Module):
         return hidden_BxLxD, new_kv
 
 
-def _layer_stack(config: LlamaConfig, remat: bool):
-    layer_cls = nn.remat(DecoderLayer, prevent_cse=False) if remat else DecoderLayer
+# Rematerialization policies by name: which intermediate values of a layer the backward pass keeps
+# instead of recomputing. "full" keeps only the layer inputs (least memory, most recomputation).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _layer_stack(config: LlamaConfig, remat: bool, remat_policy: str):
+    if remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={remat_policy!r} is unknown; use one of "
+                         f"{', '.join(REMAT_POLICIES)}")
+    layer_cls = DecoderLayer
+    if remat:
+        layer_cls = nn.remat(DecoderLayer, prevent_cse=False,
+                             policy=REMAT_POLICIES[remat_policy])
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0},
@@ -395,13 +410,15 @@ class Llama(nn.Module):
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
     remat: bool = False  # rematerialize each layer in the backward pass (jax.checkpoint)
+    remat_policy: str = "full"  # what a rematerialized layer keeps: a key of REMAT_POLICIES
+    output_dtype: Any = jnp.float32  # dtype of the logits
 
     def setup(self):
         cfg = self.config
         self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                                  embedding_init=nn.initializers.normal(0.02),
                                  dtype=self.dtype, param_dtype=self.param_dtype, name="embed")
-        self.layer_stack = _layer_stack(cfg, self.remat)(
+        self.layer_stack = _layer_stack(cfg, self.remat, self.remat_policy)(
             cfg, self.lora, self.dtype, self.param_dtype, name="layers")
         self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype,
                                   name="final_norm")
@@ -414,7 +431,7 @@ class Llama(nn.Module):
         return self.embedder(input_ids_BxL)
 
     def project(self, hidden_BxLxD):
-        """Apply the output projection (tied embedding or ``lm_head``); float32 logits.
+        """Apply the output projection (tied embedding or ``lm_head``); logits in ``output_dtype``.
 
         Callable on its own (``method="project"``) to score a few positions of the final hidden
         states instead of all of them.
@@ -425,7 +442,7 @@ class Llama(nn.Module):
                                       embedding_VxD, preferred_element_type=jnp.float32)
         else:
             logits_BxLxV = self.lm_head(hidden_BxLxD)
-        return logits_BxLxV.astype(jnp.float32)
+        return logits_BxLxV.astype(self.output_dtype)
 
     def __call__(self, input_ids_BxL=None, *, inputs_embeds_BxLxD=None, attention_mask_BxL=None,
                  positions_BxL=None, cache=None) -> LlamaOutput:

@@ -176,10 +176,14 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         raise ValueError("contrastive_projection is on but no projection head module was given")
     divergence = losses.DIVERGENCES[cfg.divergence]
     reduce = losses.per_token_mean if cfg.reduction == "token" else losses.per_batch_mean
-    base_model = Llama(student.config, dtype=student.dtype, param_dtype=student.param_dtype)
+    base_model = Llama(student.config, dtype=student.dtype, param_dtype=student.param_dtype,
+                       remat=student.remat, remat_policy=student.remat_policy,
+                       output_dtype=student.output_dtype)
 
     def project(model, params, hidden_BxKxD):
-        return model.apply({"params": params}, hidden_BxKxD, method="project")
+        # Every loss term is computed in float32, whatever the models' output dtype.
+        logits = model.apply({"params": params}, hidden_BxKxD, method="project")
+        return logits.astype(jnp.float32)
 
     def gather(hidden_BxLxD, positions_BxK):
         return jnp.take_along_axis(hidden_BxLxD, positions_BxK[..., None], axis=1)

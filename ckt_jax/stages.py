@@ -24,21 +24,24 @@ import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import config_dict
 
-from ckt_jax import batching, lora, losses, metric_writers, metrics, peft_format, workdir
+from ckt_jax import (batching, checkpoint, distributed, lora, losses, metric_writers, metrics,
+                     peft_format, sharding, throughput, trainer, workdir)
 from ckt_jax.data import builder as data_builder
 from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
 from ckt_jax.loading import find_smollm2_gguf, load_model
-from ckt_jax.model import Llama, LlamaConfig, LoraConfig
+from ckt_jax.model import REMAT_POLICIES, Llama, LlamaConfig, LoraConfig
 from ckt_jax.objective import ObjectiveConfig, build_objective
 from ckt_jax.refusal_detector import is_refusal, validate_against_human_labels
 from ckt_jax.tokenizer import ChatTokenizer
-from ckt_jax.train import make_train_step, to_device_tree, train_loop
+from ckt_jax.train import Precision, to_device_tree
 
 STAGES = ("data", "targets", "teacher", "distill", "eval", "report")
 EVAL_SPLITS = ("eval_harmful", "eval_jailbreak", "eval_benign_sensitive", "eval_jailbreak_benign")
 TRAIN_SPLITS = ("train_harmful", "train_benign")
 TEACHER_DIR_FILE = "teacher_adapters"
+CHECKPOINT_DIR = "checkpoints"
+REMAT_CHOICES = ("none",) + tuple(REMAT_POLICIES)
 
 
 def validate_config(config) -> None:
@@ -59,6 +62,28 @@ def validate_config(config) -> None:
         for field in ("steps", "batch_size", "lora_rank"):
             if config[section][field] < 1:
                 raise ValueError(f"config.{section}.{field}={config[section][field]} must be >= 1")
+    for axis in sharding.AXES:
+        size = config.mesh[axis]
+        if not isinstance(size, int) or size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{axis}={size!r} is invalid; use a positive size, or -1 "
+                             "for the devices the other axes leave")
+    train = config.train
+    Precision.from_config(train)
+    if train.remat not in REMAT_CHOICES:
+        raise ValueError(f"config.train.remat={train.remat!r} is unknown; use one of "
+                         f"{', '.join(REMAT_CHOICES)}")
+    if train.grad_accum_steps < 1:
+        raise ValueError(f"config.train.grad_accum_steps={train.grad_accum_steps} must be >= 1")
+    for section in ("teacher_train", "distill"):
+        if config[section].batch_size % train.grad_accum_steps:
+            raise ValueError(
+                f"config.{section}.batch_size={config[section].batch_size} is not a multiple of "
+                f"config.train.grad_accum_steps={train.grad_accum_steps}")
+    if not train.peak_flops_per_device >= 0:
+        raise ValueError(f"config.train.peak_flops_per_device={train.peak_flops_per_device} must "
+                         "be >= 0 (0 turns the MFU estimate off)")
+    checkpoint.CheckpointOptions.from_config(config.checkpoint)
+    distributed.validate_config(config.distributed)
 
 
 def resolve_model_spec(spec: str) -> pathlib.Path:
@@ -107,6 +132,11 @@ class Context:
                                     "first (add it to --config.stages)")
         return data_builder.load_split(self.data_dir, name)
 
+    @functools.cached_property
+    def mesh(self):
+        """The training mesh from `config.mesh`, over every device of every process."""
+        return sharding.mesh_from_config(self.config.mesh)
+
     def stage_dir(self, name: str) -> pathlib.Path:
         return self.root / name
 
@@ -137,9 +167,22 @@ def _targets_record(config) -> dict:
                           "data.max_benign_prompts")
 
 
+# Training settings that change the numbers, and their defaults. They enter a stage's record
+# only when they differ from the default, so work directories made before these settings existed
+# stay valid. The mesh, remat and checkpoint settings do not change the results beyond float
+# rounding, so a run may resume with other values.
+_NUMERIC_TRAIN_DEFAULTS = {"grad_accum_steps": 1, "param_dtype": "float32",
+                           "compute_dtype": "float32", "output_dtype": "float32"}
+
+
+def _train_record(config) -> dict:
+    return {f"train.{field}": config.train[field] for field, default in
+            _NUMERIC_TRAIN_DEFAULTS.items() if config.train[field] != default}
+
+
 def _teacher_record(config) -> dict:
     return {**_targets_record(config), **_config_record(config, "teacher", "data",
-                                                        "teacher_train")}
+                                                        "teacher_train"), **_train_record(config)}
 
 
 def _distill_record(config) -> dict:
@@ -285,16 +328,32 @@ def _lora_config(section) -> LoraConfig:
 
 
 def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
-                   objective: ObjectiveConfig, frozen_params: dict, teacher: Llama | None,
-                   examples: list[batching.Example], seed_offset: int) -> tuple[Any, list[dict]]:
-    """Train LoRA adapters on the frozen backbone; return (adapter params, metrics history)."""
-    model_config, base_params = ctx.base
-    student = Llama(model_config, lora=lora_config)
+                   objective: ObjectiveConfig, frozen_params: dict,
+                   teacher_config: LlamaConfig | None, examples: list[batching.Example],
+                   seed_offset: int, stage_dir: pathlib.Path, record: dict,
+                   ) -> tuple[Any, list[dict]]:
+    """Train LoRA adapters on the frozen backbone; return (adapter params, metrics history).
+
+    Training is sharded over `ctx.mesh` and checkpointed into `stage_dir/checkpoints`; a run
+    that finds a checkpoint there resumes from it.
+    """
+    model_config, _ = ctx.base
+    train_cfg = ctx.config.train
+    precision = Precision.from_config(train_cfg)
+    model_kwargs = dict(dtype=precision.compute_dtype, param_dtype=precision.param_dtype,
+                        output_dtype=precision.output_dtype, remat=train_cfg.remat != "none",
+                        remat_policy="full" if train_cfg.remat == "none" else train_cfg.remat)
+    student = Llama(model_config, lora=lora_config, **model_kwargs)
+    teacher = Llama(teacher_config, **model_kwargs) if teacher_config is not None else None
+    if teacher_config is not None:
+        sharding.check_model_fits_mesh(teacher_config, ctx.mesh, "teacher")
+
     rng = jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), seed_offset)
     init_rng, train_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, 8), jnp.int32)
+    # Adapters are initialised in float32 whatever the parameter dtype: they are the trained copy.
     adapter_params = lora.init_adapter_params(
-        lambda r: student.init(r, dummy)["params"], init_rng)
+        lambda r: Llama(model_config, lora=lora_config).init(r, dummy)["params"], init_rng)
     head = None
     if objective.contrastive_projection:
         # The head maps student features into the teacher's feature space.
@@ -306,37 +365,57 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
             head, head_rng, model_config.hidden_size)}
     logging.info("%s: %d adapter parameters (LoRA rank %d on %s), backbone frozen", name,
                  lora.count_params(adapter_params), lora_config.rank, ",".join(lora_config.targets))
+    frozen_params = jax.tree_util.tree_map(lambda x: x.astype(precision.param_dtype),
+                                           frozen_params)
     schedule = lora.warmup_cosine(section.learning_rate, section.steps, section.warmup_steps)
     optimizer = lora.make_adapter_optimizer(schedule)
-    opt_state = optimizer.init(adapter_params)
     loss_fn = build_objective(student, teacher, objective, head=head)
-    step_fn = make_train_step(loss_fn, optimizer)
     # A training section may set its own class mix; the data section's is the default.
     harmful_fraction = section.get("harmful_fraction", ctx.config.data.harmful_fraction)
-    batches = batching.balanced_batches(
+    batches = batching.BatchStream(
         examples, section.batch_size, harmful_fraction,
         seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
         max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
+
+    def flops_per_step(batch_shape: tuple) -> float:
+        return throughput.objective_flops(objective, model_config, lora_config, teacher_config,
+                                          *batch_shape)
+
     # Per-step metrics go to logs/teacher/ or logs/<student name>/ (TensorBoard and JSONL).
     run_name = ctx.student_name if name == "distill" else name
     writers = metric_writers.open_run_writers(
         ctx.root / "logs" / run_name, tensorboard=ctx.config.metrics.tensorboard,
         jsonl=ctx.config.metrics.jsonl)
     with writers:
-        adapter_params, _, history = train_loop(
-            step_fn=step_fn, adapter_params=adapter_params, opt_state=opt_state,
-            frozen_params=frozen_params, batches=batches, num_steps=section.steps, rng=train_rng,
-            log_every=ctx.config.log_every, name=name,
+        return trainer.run_training(
+            name=name, loss_fn=loss_fn, optimizer=optimizer, adapter_params=adapter_params,
+            frozen_params=frozen_params, batches=batches, batch_size=section.batch_size,
+            num_steps=section.steps, rng=train_rng, mesh=ctx.mesh,
+            accumulation_steps=train_cfg.grad_accum_steps,
+            checkpoint_dir=stage_dir / CHECKPOINT_DIR,
+            checkpoint_options=checkpoint.CheckpointOptions.from_config(ctx.config.checkpoint),
+            identity={"config": record, "examples": batching.examples_fingerprint(examples)},
+            log_every=ctx.config.log_every, flops_per_step=flops_per_step,
+            peak_flops_per_device=train_cfg.peak_flops_per_device,
             on_metrics=metric_writers.training_callback(writers, schedule))
-    return adapter_params, history
+
+
+def host_tree(tree):
+    """Fetch a (possibly multi-process sharded) tree as full NumPy arrays on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 def save_adapters(directory: pathlib.Path, adapter_params) -> None:
+    """Save adapters as one orbax checkpoint; a collective call on multi-process runs.
+
+    An existing directory is overwritten: callers only save for a stage that is not finished,
+    so it can only be left by a run that stopped between this save and marking the stage done.
+    """
     checkpointer = ocp.StandardCheckpointer()
-    target = directory.resolve()
-    if target.exists():
-        raise FileExistsError(f"{target} already exists; delete it to retrain")
-    checkpointer.save(target, jax.device_get(adapter_params))
+    checkpointer.save(directory.resolve(), host_tree(adapter_params), force=True)
     checkpointer.wait_until_finished()
 
 
@@ -358,18 +437,29 @@ def run_teacher(ctx: Context) -> None:
         logging.info("teacher: reusing %s", out_dir)
         return
     section = ctx.config.teacher_train
-    _, base_params = ctx.base
+    model_config, base_params = ctx.base
+    # Before the examples are built, so a mesh that does not fit fails at once.
+    sharding.check_model_fits_mesh(model_config, ctx.mesh, "student")
+    sharding.check_batch_fits_mesh(section.batch_size, ctx.mesh, ctx.config.train.grad_accum_steps,
+                                   field="teacher_train.batch_size")
     adapters, history = train_adapters(
         ctx, name="teacher", section=section, lora_config=_lora_config(section),
         objective=ObjectiveConfig(ce_weight=1.0,
                                   max_target_tokens=ctx.config.data.max_target_tokens),
-        frozen_params={"backbone": base_params},
-        teacher=None, examples=training_examples(ctx), seed_offset=101)
+        frozen_params={"backbone": base_params}, teacher_config=None,
+        examples=training_examples(ctx), seed_offset=101, stage_dir=out_dir, record=record)
+    _finish_training_stage(out_dir, out_dir / TEACHER_DIR_FILE, adapters, history, record)
+
+
+def _finish_training_stage(out_dir: pathlib.Path, adapter_dir: pathlib.Path, adapters,
+                           history: list[dict], record: dict) -> None:
+    """Save the final adapters, then (process 0) the history and the stage record, last."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_adapters(out_dir / TEACHER_DIR_FILE, adapters)
-    workdir.write_jsonl(out_dir / "history.jsonl", history)
-    workdir.mark_stage_done(out_dir, record, {"final_loss": history[-1]["loss"],
-                                              "seconds": history[-1]["seconds"]})
+    save_adapters(adapter_dir, adapters)
+    if distributed.is_primary():
+        workdir.write_jsonl(out_dir / "history.jsonl", history)
+        workdir.mark_stage_done(out_dir, record, {"final_loss": history[-1]["loss"],
+                                                  "seconds": history[-1]["seconds"]})
 
 
 def teacher_params(ctx: Context):
@@ -428,19 +518,18 @@ def run_distill(ctx: Context) -> None:
         logging.info("distill: reusing %s", out_dir)
         return
     section = ctx.config.distill
-    _, base_params = ctx.base
+    model_config, base_params = ctx.base
+    sharding.check_model_fits_mesh(model_config, ctx.mesh, "student")
+    sharding.check_batch_fits_mesh(section.batch_size, ctx.mesh, ctx.config.train.grad_accum_steps,
+                                   field="distill.batch_size")
     frozen = {"backbone": base_params, "teacher": teacher_params(ctx)}
     adapters, history = train_adapters(
         ctx, name="distill", section=section, lora_config=_lora_config(section),
         objective=distill_objective(ctx.config), frozen_params=frozen,
-        teacher=Llama(teacher_model_config(ctx)),
+        teacher_config=teacher_model_config(ctx),
         examples=training_examples(ctx, ctx.config.distill.text_noise),
-        seed_offset=202)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_adapters(out_dir / "adapters", adapters)
-    workdir.write_jsonl(out_dir / "history.jsonl", history)
-    workdir.mark_stage_done(out_dir, record, {"final_loss": history[-1]["loss"],
-                                              "seconds": history[-1]["seconds"]})
+        seed_offset=202, stage_dir=out_dir, record=record)
+    _finish_training_stage(out_dir, out_dir / "adapters", adapters, history, record)
 
 
 def student_params(ctx: Context):

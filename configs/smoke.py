@@ -30,6 +30,7 @@ def get_config():
     c.distill.steps = 2
     c.distill.batch_size = 2
     c.distill.warmup_steps = 1
+    c.checkpoint.every_steps = 1
     c.eval.limit = 4
     c.eval.max_new_tokens = 8
     c.eval.batch_size = 4

@@ -96,6 +96,37 @@ def get_config() -> config_dict.ConfigDict:
     c.metrics.tensorboard = True    # TensorBoard event files in <workdir>/logs/<run>/<start time>/.
     c.metrics.jsonl = True          # metrics.jsonl (one line per step) in the same directory.
 
+    # Devices: the teacher and distill stages train on a data x fsdp x tensor mesh (one device
+    # on this CPU). The product of the sizes must equal the device count of all processes.
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = -1    # Devices that split batch rows, weights replicated; -1 = all the others.
+    c.mesh.fsdp = 1     # Devices that split batch rows and weights along the hidden size.
+    c.mesh.tensor = 1   # Devices that split heads, MLP columns and vocabulary (must divide 3).
+
+    c.train = config_dict.ConfigDict()
+    c.train.grad_accum_steps = 1         # Micro-batches per optimizer step (divides batch_size).
+    c.train.remat = "none"               # Layer recomputation: none, full, dots or dots_no_batch.
+    c.train.param_dtype = "float32"      # Storage dtype of the frozen backbone and teacher.
+    c.train.compute_dtype = "float32"    # Activations and matrix products (bfloat16 on TPU/GPU).
+    c.train.output_dtype = "float32"     # Logits; every loss is computed in float32 anyway.
+    c.train.peak_flops_per_device = 0.0  # FLOP/s of one device at compute_dtype; 0 = no MFU.
+
+    # Checkpoints of the training stages, in <stage dir>/checkpoints; a re-run resumes from them.
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every_steps = 20     # Steps between saves; the last step is always saved.
+    c.checkpoint.keep_last = 2        # Newest checkpoints kept.
+    c.checkpoint.keep_best = 1        # Checkpoints with the best best_metric kept as well.
+    c.checkpoint.best_metric = "loss" # Training metric averaged over the steps since the last save.
+    c.checkpoint.best_mode = "min"    # min or max: which end of best_metric is best.
+    c.checkpoint.async_save = True    # Write checkpoints in the background while training runs.
+
+    # Multi-process runs (one process per host); see launch/tpu_pod.sh and launch/slurm_gpu.sh.
+    c.distributed = config_dict.ConfigDict()
+    c.distributed.initialize = "auto"        # auto (from the environment), on or off.
+    c.distributed.coordinator_address = ""   # host:port of process 0; "" = detected by JAX.
+    c.distributed.num_processes = 0          # Process count with coordinator_address; else 0.
+    c.distributed.process_id = -1            # This process's index with coordinator_address.
+
     c.eval = config_dict.ConfigDict()
     c.eval.limit = 40               # Prompts per evaluation split (seeded subset); 0 = all.
     c.eval.max_new_tokens = 64      # Generated tokens per reply (greedy).

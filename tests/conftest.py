@@ -56,3 +56,18 @@ def smollm2_torch(smollm2_gguf_path, torch_available):
         str(smollm2_gguf_path.parent), gguf_file=smollm2_gguf_path.name,
         dtype=torch_available.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict:
+    """Environment for JAX test subprocesses: CPU only, sharing one persistent compilation cache.
+
+    Restarted training processes compile the same train step again; the cache turns those
+    compilations into file reads.
+    """
+    import os
+
+    cache = tmp_path_factory.mktemp("jax_compilation_cache")
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

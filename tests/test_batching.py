@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from ckt_jax.batching import Example, balanced_batches, pad_batch
+from ckt_jax.batching import (BatchStream, Example, balanced_batches, examples_fingerprint,
+                              pad_batch)
 
 
 def make_examples(n, label, rng):
@@ -70,3 +71,49 @@ def test_wrapped_batches_are_balanced():
         wrapped_batches += all(in_wrapped)
         assert int(np.sum(batch["input_ids"][:, 0] == 3)) == 2  # two harmful rows
     assert wrapped_batches == 16
+
+
+def assert_same_batch(a, b):
+    assert set(a) == set(b)
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_batch_stream_resumes_at_any_position():
+    rng = np.random.default_rng(0)
+    examples = make_examples(30, "harmful", rng) + make_examples(11, "benign", rng)
+    settings = dict(batch_size=8, harmful_fraction=0.5, seed=3, pad_id=0, max_seq_len=256,
+                    pad_multiple=64, pool_batches=4, wrapped_fraction=0.0)
+    plain = balanced_batches(examples, **settings)
+    expected = [next(plain) for _ in range(30)]
+    stream = BatchStream(examples, **settings)
+    for k in range(30):
+        assert_same_batch(next(stream), expected[k])
+    assert stream.position == 30
+    for position in (23, 5, 0, 29):  # Forwards, backwards and to the start.
+        resumed = BatchStream(examples, **settings) if position == 23 else stream
+        resumed.skip_to(position)
+        assert_same_batch(next(resumed), expected[position])
+        assert resumed.position == position + 1
+
+
+def test_batch_stream_pads_selected_rows_to_global_length():
+    rng = np.random.default_rng(1)
+    examples = make_examples(16, "harmful", rng) + make_examples(16, "benign", rng)
+    settings = dict(batch_size=8, harmful_fraction=0.5, seed=0, pad_id=0, max_seq_len=256,
+                    pad_multiple=64)
+    full = next(BatchStream(examples, **settings))
+    rows = np.asarray([4, 5, 6, 7])
+    part = next(BatchStream(examples, rows=rows, **settings))
+    for key in full:
+        assert np.array_equal(part[key], full[key][rows]), key
+
+
+def test_examples_fingerprint_changes_with_content():
+    rng = np.random.default_rng(2)
+    examples = make_examples(5, "harmful", rng)
+    assert examples_fingerprint(examples) == examples_fingerprint(list(examples))
+    assert examples_fingerprint(examples) != examples_fingerprint(examples[::-1])
+    changed = examples[:-1] + [Example(examples[-1].input_ids, examples[-1].loss_mask, "benign",
+                                       examples[-1].prompt_id)]
+    assert examples_fingerprint(examples) != examples_fingerprint(changed)

@@ -11,8 +11,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, timeout=900):
+def run_main(*args, timeout=900, xla_flags=""):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
     return subprocess.run([sys.executable, "-m", "ckt_jax.main", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -56,6 +58,32 @@ def test_unreadable_gguf(tmp_path):
     result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
                       f"--config.model={bad}", "--config.stages=data,targets")
     assert_one_line_error(result, str(bad), "GGUF")
+
+
+def test_mesh_larger_than_device_count(tmp_path):
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      "--config.mesh.data=1", "--config.mesh.tensor=2")
+    assert_one_line_error(result, "config.mesh is 1x1x2=2 devices but 1 are available")
+
+
+def test_invalid_train_settings(tmp_path):
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      "--config.train.compute_dtype=float8")
+    assert_one_line_error(result, "config.train.compute_dtype='float8' is unknown")
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      "--config.checkpoint.keep_last=0")
+    assert_one_line_error(result, "config.checkpoint.keep_last=0 must be >= 1")
+
+
+@pytest.mark.real
+def test_tensor_axis_must_divide_kv_heads(tmp_path, smollm2_gguf_path):
+    # Two CPU devices on one tensor axis: SmolLM2's 3 key/value heads do not split in two.
+    env_flags = "--xla_force_host_platform_device_count=2"
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      "--config.stages=teacher", "--config.mesh.data=1",
+                      "--config.mesh.tensor=2", xla_flags=env_flags)
+    assert_one_line_error(result, "config.mesh.tensor=2 does not divide num_kv_heads=3 of the "
+                                  "student; set config.mesh.tensor to a divisor of 3 (1, 3)")
 
 
 def test_missing_asset_package_message():

@@ -244,3 +244,105 @@ def test_every_term_trains_adapters_only(overrides):
     assert head_grads and all(np.any(np.asarray(g) != 0) for g in head_grads)
     for g in jax.tree_util.tree_leaves(adapter_grads):
         assert np.all(np.isfinite(np.asarray(g)))
+
+
+def quadratic_loss(adapter_params, frozen_params, batch, rng):
+    """Per-example squared error of a linear map: a mean over rows, like the objective's terms."""
+    del frozen_params, rng
+    w = adapter_params["layers"]["attn"]["q"]["lora_a"][0]
+    error = batch["x"] @ w - batch["y"]
+    loss = jnp.mean(jnp.square(error))
+    return loss, {"loss/mse": loss, "target_tokens": jnp.sum(batch["attention_mask"][:, 0])}
+
+
+def test_accumulation_matches_full_batch():
+    from ckt_jax import sharding
+    from ckt_jax.train import StepShardings, opt_state_shardings
+
+    rng = np.random.default_rng(0)
+    # One layer of the scanned layout: lora_a is [layers, in, rank].
+    params = {"layers": {"attn": {"q": {"lora_a": rng.normal(size=(1, 3, 2)).astype(np.float32)}}}}
+    batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
+             "y": rng.normal(size=(8, 2)).astype(np.float32),
+             "attention_mask": np.ones((8, 5), np.int32)}
+    optimizer = optax.sgd(0.1)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    adapter_shardings = sharding.param_shardings(params, mesh)
+    shardings = StepShardings(mesh=mesh, adapter=adapter_shardings, frozen={},
+                              opt_state=opt_state_shardings(optimizer, params, adapter_shardings,
+                                                            mesh))
+    results = {}
+    for steps in (1, 2, 4):
+        step = make_train_step(quadratic_loss, optimizer, accumulation_steps=steps,
+                               shardings=shardings)
+        adapters = jax.device_put(params, adapter_shardings)
+        new, _, metrics = step(adapters, optimizer.init(adapters), {}, batch,
+                               jax.random.PRNGKey(0))
+        results[steps] = (np.asarray(new["layers"]["attn"]["q"]["lora_a"]), metrics)
+    for steps in (2, 4):
+        np.testing.assert_allclose(results[steps][0], results[1][0], rtol=1e-6, atol=1e-7)
+        assert float(results[steps][1]["loss"]) == pytest.approx(float(results[1][1]["loss"]),
+                                                                 rel=1e-6)
+        # Counts add up over micro-batches; the token count covers the whole batch.
+        assert float(results[steps][1]["target_tokens"]) == 8
+        assert float(results[steps][1]["tokens"]) == 40
+    with pytest.raises(ValueError, match="grad_accum_steps=0 must be >= 1"):
+        make_train_step(quadratic_loss, optimizer, accumulation_steps=0)
+
+
+@pytest.fixture(scope="module")
+def shared_setup():
+    """One tiny_setup for the tests below, which never donate its arrays."""
+    return tiny_setup()
+
+
+def test_bfloat16_compute_keeps_losses_float32(shared_setup):
+    _, adapters, backbone, teacher_params = shared_setup
+    half = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, output_dtype=jnp.bfloat16)
+    student = Llama(TINY, lora=LORA, **half)
+    logits = jax.eval_shape(lambda p, ids: student.apply({"params": p}, ids).logits_BxLxV,
+                            lora.combine_params(adapters, backbone),
+                            jnp.asarray(tiny_batch()["input_ids"]))
+    assert logits.dtype == jnp.bfloat16
+
+    objective = ObjectiveConfig(ce_weight=1.0, kd_weight=1.0)
+    half_loss = build_objective(student, Llama(TINY, **half), objective)
+    full_loss = build_objective(Llama(TINY, lora=LORA), Llama(TINY), objective)
+    frozen = {"backbone": backbone, "teacher": teacher_params}
+    frozen_half = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), frozen)
+
+    @jax.jit
+    def both(batch):
+        key = jax.random.PRNGKey(0)
+        return half_loss(adapters, frozen_half, batch, key), full_loss(adapters, frozen, batch, key)
+
+    (loss, aux), (full, _) = both(tiny_batch())
+    assert loss.dtype == jnp.float32
+    assert aux["loss/ce"].dtype == jnp.float32
+    assert aux["loss/kd"].dtype == jnp.float32
+    assert float(loss) == pytest.approx(float(full), rel=2e-2)
+
+
+def test_remat_policies_keep_gradients(shared_setup):
+    _, adapters, backbone, _ = shared_setup
+    objective = ObjectiveConfig(ce_weight=1.0)
+    models = {"none": Llama(TINY, lora=LORA)}
+    for policy in ("full", "dots"):
+        models[policy] = Llama(TINY, lora=LORA, remat=True, remat_policy=policy)
+    losses = {name: build_objective(model, None, objective) for name, model in models.items()}
+
+    @jax.jit
+    def gradients(batch):
+        return {name: jax.grad(lambda a, f=fn: f(a, {"backbone": backbone}, batch, None)[0])(
+            adapters) for name, fn in losses.items()}
+
+    grads = gradients(tiny_batch())
+    for policy in ("full", "dots"):
+        pairs = zip(jax.tree_util.tree_leaves(grads["none"]),
+                    jax.tree_util.tree_leaves(grads[policy]))
+        for plain, remat in pairs:
+            np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), rtol=1e-5,
+                                       atol=1e-7)
+    with pytest.raises(ValueError, match="remat_policy='some' is unknown"):
+        jax.eval_shape(Llama(TINY, remat=True, remat_policy="some").init,
+                       jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run the main job on every worker of a Cloud TPU VM pod slice, one process per worker.
+#
+#   bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] [--dry-run] \
+#       CONFIG WORKDIR [--config.field=value ...]
+#
+# It packs the committed tree (git HEAD), copies it to every worker, and there installs the TPU
+# dependencies (bash launch/setup.sh tpu) and starts ckt_jax.main with
+# --config.distributed.initialize=on, so JAX finds the other workers itself. WORKDIR must be
+# mounted at the same path on every worker (NFS or gcsfuse), because the workers share its
+# checkpoints and stage outputs. A pre-empted run saves a checkpoint on SIGTERM, and the same
+# command run again resumes from it. --dry-run prints the commands and runs nothing.
+# NOTE: tested only through --dry-run; the gcloud flags follow the gcloud reference for
+# `compute tpus tpu-vm scp` and `ssh`, and the TPU image must provide python3 with venv.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/launch/common.sh"
+
+usage="usage: bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] [--dry-run]"
+usage+=" CONFIG WORKDIR [--config.field=value ...]"
+tpu="" zone="" project=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tpu) tpu="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    --config.*) break ;;
+    -*) echo "tpu_pod.sh: unknown option $1; $usage" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+if [ -z "$tpu" ] || [ -z "$zone" ] || [ $# -lt 2 ]; then
+  echo "tpu_pod.sh: missing --tpu, --zone, CONFIG or WORKDIR; $usage" >&2
+  exit 2
+fi
+config="$1" workdir="$2"
+shift 2
+
+gcloud_flags=(--worker=all "--zone=$zone")
+if [ -n "$project" ]; then
+  gcloud_flags+=("--project=$project")
+fi
+archive="/tmp/ckt_jax-$tpu.tar.gz"
+remote_command="$(quote_command mkdir -p ckt_jax)"
+remote_command+=" && $(quote_command tar -xzf ckt_jax.tar.gz -C ckt_jax)"
+remote_command+=" && cd ckt_jax && $(quote_command bash launch/setup.sh tpu)"
+remote_command+=" && $(quote_command env JAX_PLATFORMS=tpu .venv/bin/python -m ckt_jax.main \
+  --config "$config" --workdir "$workdir" --config.distributed.initialize=on "$@")"
+
+run_command git -C "$root" archive --format=tar.gz "--output=$archive" HEAD
+run_command gcloud compute tpus tpu-vm scp "$archive" "$tpu:ckt_jax.tar.gz" "${gcloud_flags[@]}"
+exec_command gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_flags[@]}" "--command=$remote_command"

@@ -1,0 +1,66 @@
+"""The launchers' --dry-run output: the exact gcloud, sbatch/srun and local command lines."""
+
+import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def dry_run(script: str, *args: str) -> list[str]:
+    result = subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_tpu_pod_dry_run():
+    lines = dry_run("tpu_pod.sh", "--tpu", "v5e-32", "--zone", "us-west4-a", "--project",
+                    "my-project", "--dry-run", "configs/smollm2_cpu.py", "/mnt/shared/runs/a",
+                    "--config.mesh.fsdp=4")
+    assert lines == [
+        f"git -C {ROOT} archive --format=tar.gz --output=/tmp/ckt_jax-v5e-32.tar.gz HEAD",
+        "gcloud compute tpus tpu-vm scp /tmp/ckt_jax-v5e-32.tar.gz v5e-32:ckt_jax.tar.gz "
+        "--worker=all --zone=us-west4-a --project=my-project",
+        "gcloud compute tpus tpu-vm ssh v5e-32 --worker=all --zone=us-west4-a "
+        "--project=my-project '--command=mkdir -p ckt_jax && tar -xzf ckt_jax.tar.gz -C ckt_jax "
+        "&& cd ckt_jax && bash launch/setup.sh tpu && env JAX_PLATFORMS=tpu .venv/bin/python -m "
+        "ckt_jax.main --config configs/smollm2_cpu.py --workdir /mnt/shared/runs/a "
+        "--config.distributed.initialize=on --config.mesh.fsdp=4'",
+    ]
+
+
+def test_slurm_gpu_dry_run():
+    lines = dry_run("slurm_gpu.sh", "--nodes", "4", "--gpus-per-node", "8", "--time",
+                    "02:00:00", "--partition", "gpu", "--dry-run", "configs/smollm2_cpu.py",
+                    "/shared/runs/a", "--config.mesh.fsdp=8")
+    assert lines == [
+        "sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 --time=02:00:00 "
+        f"--job-name=ckt_jax --chdir={ROOT} --output=slurm-ckt_jax-%j.out --signal=TERM@120 "
+        "--requeue --partition=gpu launch/slurm_gpu.sh --in-job configs/smollm2_cpu.py "
+        "/shared/runs/a --config.mesh.fsdp=8",
+        "# inside the allocation, on the first node:",
+        "bash launch/setup.sh cuda12",
+        "srun --ntasks-per-node=1 --kill-on-bad-exit=1 env JAX_PLATFORMS=cuda .venv/bin/python "
+        "-m ckt_jax.main --config configs/smollm2_cpu.py --workdir /shared/runs/a "
+        "--config.mesh.fsdp=8",
+    ]
+
+
+def test_local_dry_run_quotes_arguments():
+    lines = dry_run("local.sh", "--dry-run", "configs/smoke.py", "/tmp/smoke run",
+                    "--config.student_name=it's")
+    assert lines == [
+        "bash launch/setup.sh",
+        "env JAX_PLATFORMS=cpu .venv/bin/python -m ckt_jax.main --config configs/smoke.py "
+        "--workdir '/tmp/smoke run' '--config.student_name=it'\\''s'",
+    ]
+
+
+def test_launcher_usage_errors():
+    for script, args in (("tpu_pod.sh", ["--zone", "z", "configs/smoke.py", "runs/x"]),
+                         ("slurm_gpu.sh", ["--dry-run", "configs/smoke.py"]),
+                         ("tpu_pod.sh", ["--tpu", "t", "--zone", "z", "--bogus", "a", "b"])):
+        result = subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, (script, args)
+        assert "usage: bash launch/" in result.stderr
