@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 
+from ckt_jax import metrics
 from ckt_jax.data import sources
 
 # Only this many characters at the start of a reply are searched for refusal phrases.
@@ -160,19 +161,7 @@ def validate_against_human_labels(use_prompt: bool = False) -> dict:
     Refusal is the positive class. ``use_prompt`` passes each row's objective as the prompt,
     which also catches off-topic replies. Returns accuracy, precision, recall, n, tp, fp, fn, tn.
     """
-    tp = fp = fn = tn = 0
-    for row in sources.read_refusal_scorer_labels():
-        predicted = is_refusal(row["response"], row["objective"] if use_prompt else None)
-        if predicted and row["is_refusal"]:
-            tp += 1
-        elif predicted:
-            fp += 1
-        elif row["is_refusal"]:
-            fn += 1
-        else:
-            tn += 1
-    n = tp + fp + fn + tn
-    return {"accuracy": (tp + tn) / n if n else 0.0,
-            "precision": tp / (tp + fp) if tp + fp else 0.0,
-            "recall": tp / (tp + fn) if tp + fn else 0.0,
-            "n": n, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    rows = sources.read_refusal_scorer_labels()
+    predicted = [is_refusal(row["response"], row["objective"] if use_prompt else None)
+                 for row in rows]
+    return metrics.binary_scores(predicted, [row["is_refusal"] for row in rows])
