@@ -5,7 +5,9 @@ report). Finished stages are skipped on a re-run with the same config, so an int
 continues where it stopped. Override any config field with `--config.<field>=<value>`.
 `--config.mode=chat` talks to the base, teacher or student model of DIR instead, and
 `--config.mode=export` writes one of them as a PEFT adapter, a Hugging Face directory and a GGUF
-file (see `ckt_jax.modes`).
+file (see `ckt_jax.modes`). `--config.mode=study` runs a grid of students (`ckt_jax.studies`);
+the configs under `configs/studies/` set it, and `--config=FILE:full` selects their accelerator
+size.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import os
 import sys
 import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ckt_jax import distributed, modes, sharding, stages, workdir
+from ckt_jax import distributed, modes, sharding, stages, studies, workdir
 from ckt_jax.train import TrainingStopped
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
@@ -52,10 +55,19 @@ def parse_stages(text: str) -> list[str]:
 SHARDED_STAGES = ("teacher", "distill")
 
 
+MODES = modes.MODES + ("study",)
+
+
 def run(config, workdir_path: str) -> None:
     mode = config.get("mode", "stages")
-    if mode not in modes.MODES:
-        raise ValueError(f"config.mode={mode!r} is invalid; use one of {', '.join(modes.MODES)}")
+    if mode not in MODES:
+        raise ValueError(f"config.mode={mode!r} is invalid; use one of {', '.join(MODES)}")
+    if mode == "study":
+        if "study" not in config:
+            raise ValueError("config.mode='study' needs a config.study section; use a config "
+                             "from configs/studies/")
+        # Checked before the work directory is touched.
+        studies.study_cells(config)
     selected = parse_stages(config.stages)
     stages.validate_config(config)
     distributed.initialize(config.distributed)
@@ -67,6 +79,14 @@ def run(config, workdir_path: str) -> None:
         return
     if mode == "export":
         modes.run_export(ctx)
+        return
+    if mode == "study":
+        # NOTE: the study loop calls the stages directly, without the per-stage process-0 and
+        # collective handling of the stage loop below, so it runs in one process only.
+        if jax.process_count() > 1:
+            raise ValueError("config.mode='study' runs in one process; launch it without "
+                             "multi-process settings (one host, any number of local devices)")
+        studies.run_study(ctx)
         return
     logging.info("work directory %s, stages %s", ctx.root, ",".join(selected))
     if any(name in SHARDED_STAGES for name in selected):
@@ -126,6 +146,10 @@ def check_config_args(argv: list[str]) -> str | None:
     path, overrides = _config_path_and_overrides(argv)
     if path is None:
         return None  # main() reports the missing flag.
+    argument = None
+    if not os.path.isfile(path) and ":" in path:
+        # config_flags passes the text after the last ':' to get_config (FILE:full).
+        path, argument = path.rsplit(":", 1)
     if not os.path.isfile(path):
         return (f"config file {path!r} not found; pass --config with an existing file, "
                 "for example configs/smollm2_cpu.py")
@@ -133,7 +157,7 @@ def check_config_args(argv: list[str]) -> str | None:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        config = module.get_config()
+        config = module.get_config() if argument is None else module.get_config(argument)
     except Exception as err:  # noqa: BLE001 - any failure in user code is reported the same way.
         return f"config file {path!r} failed to load: {type(err).__name__}: {err}"
     for field in overrides:

@@ -35,5 +35,12 @@ def get_config():
     c.eval.max_new_tokens = 8
     c.eval.batch_size = 4
     c.eval.kd_limit = 4
+    c.judge.folds = 2
+    c.judge.max_prompt_tokens = 32
+    c.judge.max_reply_tokens = 32
+    c.robustness.embedding_noise = "5"
+    c.robustness.char_noise = "0.1"
+    c.robustness.limit = 2
+    c.robustness.kl_limit = 2
     c.log_every = 1
     return c

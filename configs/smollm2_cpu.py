@@ -33,6 +33,8 @@ def get_config() -> config_dict.ConfigDict:
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Harmful share of a batch unless a section sets its own.
     c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
+    # Seeded share of train_harmful kept out of training and evaluated as eval_heldout_harmful.
+    c.data.heldout_fraction = 0.0
 
     c.targets = config_dict.ConfigDict()
     c.targets.max_new_tokens = 64     # Length cap of the base model's replies to benign prompts.
@@ -56,6 +58,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.learning_rate = 3e-3        # Peak of a warm-up + cosine schedule.
     c.distill.warmup_steps = 3            # Steps of linear warm-up from 0.
     c.distill.harmful_fraction = 0.4      # Share of harmful rows per batch (0.5 over-refused).
+    c.distill.label_noise = 0.0           # Share of the student's targets flipped (refuse <-> comply).
     # Objective weights; 0 switches a term off (and skips its computation).
     c.distill.kd_weight = 1.0             # Teacher-to-student divergence on reply tokens.
     c.distill.contrastive_weight = 0.0    # InfoNCE between student and teacher representations.
@@ -132,6 +135,24 @@ def get_config() -> config_dict.ConfigDict:
     c.eval.max_new_tokens = 64      # Generated tokens per reply (greedy).
     c.eval.batch_size = 40          # Prompts per generation batch: one batch per 40-prompt subset.
     c.eval.kd_limit = 32            # Prompts for teacher-forced token agreement.
+
+    # Second refusal judge: logistic regression on the base model's mean-pooled hidden states of
+    # each reply, fitted on pyrit's human-labelled replies (<workdir>/judge/).
+    c.judge = config_dict.ConfigDict()
+    c.judge.enabled = True          # Fit the judge and score every evaluation reply with it too.
+    c.judge.folds = 5               # Cross-validation folds for its reported scores.
+    c.judge.l2 = 1.0                # L2 penalty on the weights of standardized features.
+    c.judge.max_prompt_tokens = 128 # Last tokens of the rendered request kept as context.
+    c.judge.max_reply_tokens = 128  # First tokens of the reply that are pooled.
+    c.judge.batch_size = 8          # Replies per forward pass.
+
+    # Robustness of the models named in `models`: replies regenerated under perturbed prompts.
+    c.robustness = config_dict.ConfigDict()
+    c.robustness.models = "student"       # comma-separated subset of base,teacher,student; "" = none.
+    c.robustness.embedding_noise = "5,20" # comma-separated noise alphas on prompt embeddings.
+    c.robustness.char_noise = "0.05,0.15" # comma-separated typo, case and whitespace rates.
+    c.robustness.limit = 20               # Prompts per split regenerated for each perturbation.
+    c.robustness.kl_limit = 8             # Prompts per split for the clean/perturbed symmetric KL.
 
     # --config.mode=chat: talk to a model of the work directory.
     c.chat = config_dict.ConfigDict()

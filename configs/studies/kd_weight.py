@@ -1,0 +1,23 @@
+"""Study kd_weight. Distillation-weight sensitivity: one student per distill.kd_weight, other terms as in the main job.
+
+    python -m ckt_jax.main --config configs/studies/kd_weight.py --workdir runs/studies
+    python -m ckt_jax.main --config configs/studies/kd_weight.py:full --workdir runs/studies_full
+
+CPU size (grid `0.25,1,4`, 24 prompts per evaluation split, no robustness regeneration) on 2 CPU
+cores: 3 cells x 30 steps: about 50 minutes (estimated from the main job's stage times; the shared data, targets, teacher
+and reference evaluations take about 20 minutes of that and are reused by the other studies in
+the same work directory). Full size: grid `0,0.25,0.5,1,2,4`, every evaluation prompt.
+"""
+
+import importlib.util
+import pathlib
+
+_spec = importlib.util.spec_from_file_location(
+    "studies_common", pathlib.Path(__file__).with_name("_common.py"))
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+
+
+def get_config(size="cpu"):
+    return _common.study_config("kd_weight", size, cpu_grid="0.25,1,4",
+                                full_grid="0,0.25,0.5,1,2,4")

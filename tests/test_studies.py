@@ -1,0 +1,203 @@
+"""Studies end to end on a tiny random model with SmolLM2's tokenizer and the real packaged data.
+
+Every study config runs at its CPU size with smoke-sized stages and a tiny grid, through the
+entry point's `run`, so each cell trains, evaluates and writes its outputs in seconds.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ckt_jax import main, studies, workdir
+from ckt_jax.export import export_hf_directory
+from ckt_jax.model import Llama, LlamaConfig
+
+pytestmark = pytest.mark.real  # The tokenizer and data come from the asset packages.
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STUDIES = ("kd_weight", "budget", "precision", "data_noise", "shift")
+TINY_GRIDS = {"kd_weight": "0.5,2", "budget": "2,3", "precision": "float32,bfloat16",
+              "data_noise": "label:0.3,text:0.1", "shift": "default"}
+
+
+def load_study_config(name: str, size: str = "cpu"):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"study_{name}",
+                                                  ROOT / "configs" / "studies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(size)
+
+
+def shrink(config, model_dir: pathlib.Path, grid: str):
+    """Smoke-run sizes and the tiny model, keeping the study's own settings."""
+    config.model = str(model_dir)
+    config.study.grid = grid
+    config.data.max_benign_prompts = 8
+    config.data.train_template_max_chars = 400
+    config.targets.max_new_tokens = 8
+    config.targets.batch_size = 8
+    for section in ("teacher_train", "distill"):
+        config[section].lora_rank = 4
+        config[section].steps = 2
+        config[section].batch_size = 2
+        config[section].warmup_steps = 1
+    config.checkpoint.every_steps = 1
+    config.eval.limit = 4
+    config.eval.max_new_tokens = 8
+    config.eval.batch_size = 4
+    config.eval.kd_limit = 4
+    config.judge.folds = 2
+    config.judge.max_prompt_tokens = 24
+    config.judge.max_reply_tokens = 24
+    config.judge.batch_size = 16
+    config.robustness.embedding_noise = "5"
+    config.robustness.char_noise = "0.2"
+    config.robustness.limit = 2
+    config.robustness.kl_limit = 2
+    config.metrics.tensorboard = False
+    config.log_every = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(smollm2_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study_model")
+    model_config = LlamaConfig(vocab_size=smollm2_tokenizer.vocab_size, hidden_size=32,
+                               intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                               head_dim=8, max_position_embeddings=2048)
+    params = jax.jit(Llama(model_config).init)(jax.random.key(0),
+                                               jnp.zeros((1, 4), jnp.int32))["params"]
+    # Larger embeddings spread the logits, so greedy replies vary instead of repeating one
+    # whitespace token, and the teacher-forced KD metrics have reply tokens to score.
+    params["embed"]["embedding"] = params["embed"]["embedding"] * 50.0
+    export_hf_directory(root / "model", model_config, params, smollm2_tokenizer)
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def shared_workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("studies") / "work"
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_study_runs_end_to_end(name, tiny_model_dir, shared_workdir, tmp_path):
+    config = shrink(load_study_config(name), tiny_model_dir, TINY_GRIDS[name])
+    # The shift study changes the teacher's data, so it gets its own work directory.
+    work = tmp_path / "shift" if name == "shift" else shared_workdir
+    main.run(config, str(work))
+    study_dir = work / "studies" / name
+    results = json.loads((study_dir / "results.json").read_text())
+    cells = studies.study_cells(config)
+    assert [r["cell"] for r in results["cells"]] == [c.name for c in cells]
+    assert set(results["references"]) == {"base", "teacher"}
+    for result in results["cells"]:
+        m = result["metrics"]
+        assert 0.0 <= m["overall_safety_score"] <= 1.0
+        low, high = m["overall_safety_score_ci95"]
+        assert low <= m["overall_safety_score"] <= high
+        assert 0.0 <= m["judge_agreement"] <= 1.0
+        assert 0.0 <= m["margin_agreement"] <= 1.0
+        assert m["kd_mean_kl"] >= 0.0
+        assert 0.0 <= m["kd_token_agreement"] <= 1.0
+    markdown = (study_dir / "results.md").read_text()
+    assert "| cell |" in markdown
+    assert "Hardware:" in markdown
+    for plot in results["plots"]:
+        assert (study_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    assert results["judge"]["feature_judge"]["n"] == 169
+
+    if name == "budget":
+        assert [len(r["loss_curve"]) for r in results["cells"]] == [2, 3]
+        assert "score_vs_time.png" in results["plots"]
+    if name == "precision":
+        assert "non-finite losses" in markdown
+        assert "loss_curves.png" in results["plots"]
+    if name == "shift":
+        student = results["cells"][0]["metrics"]
+        assert "heldout_refusal_rate" in student
+        assert "HarmBench" in markdown and "StrongREJECT" in markdown
+        assert "strongreject" in student["breakdown"]["eval_harmful"]["source"]
+        robustness = results["cells"][0]["robustness"]["cells"]
+        kinds = {cell["perturbation"] for cell in robustness}
+        assert kinds == {"embedding_noise", "char_noise", "wrapper"}
+        for cell in robustness:
+            assert cell["symmetric_kl"] >= 0.0
+        assert "robustness.png" in results["plots"]
+
+    # A second run skips every finished cell and reproduces the same results.
+    before = {p: p.read_text() for p in study_dir.glob("*/cell.json")}
+    main.run(config, str(work))
+    assert {p: p.read_text() for p in study_dir.glob("*/cell.json")} == before
+
+
+def run_entry_point(*args):
+    import os
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "ckt_jax.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ckt_jax: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config.study.name=kd_wieght"], ["kd_wieght", "kd_weight, budget"]),
+    (["--config.study.grid=0.5,abc"], ["'abc'", "not a number", "0.25,1,4"]),
+    (["--config.study.grid=-1"], ["'-1'", "below 0.0"]),
+    (["--config.study.grid="], ["is empty"]),
+])
+def test_bad_study_input(args, fragments, tmp_path):
+    result = run_entry_point("--config", "configs/studies/kd_weight.py", "--workdir",
+                             str(tmp_path / "w"), *args)
+    line = one_line_error(result)
+    for fragment in fragments:
+        assert fragment in line
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_size_and_grid_values(tmp_path):
+    result = run_entry_point("--config", "configs/studies/budget.py:huge", "--workdir",
+                             str(tmp_path / "w"))
+    assert "huge" in one_line_error(result)
+    result = run_entry_point("--config", "configs/studies/data_noise.py", "--workdir",
+                             str(tmp_path / "w"), "--config.study.grid=noise:0.1")
+    assert "label:<share> or text:<rate>" in one_line_error(result)
+    result = run_entry_point("--config", "configs/studies/precision.py", "--workdir",
+                             str(tmp_path / "w"), "--config.study.grid=float16")
+    assert "float32,bfloat16" in one_line_error(result)
+
+
+def test_cell_from_other_config_rejected(tmp_path):
+    config = load_study_config("kd_weight")
+    config.study.grid = "0.5"
+    cell = studies.study_cells(config)[0]
+    cell_dir = tmp_path / "studies" / "kd_weight" / cell.name
+    cell_dir.mkdir(parents=True)
+    other = {"record": {"study": "kd_weight", "student_name": "kd_weight-0.5",
+                        "overrides": {"distill.kd_weight": 0.7}}}
+    (cell_dir / "cell.json").write_text(json.dumps(other))
+    with pytest.raises(workdir.WorkdirError, match="use a new --workdir or delete"):
+        studies._check_cell_dir(cell_dir, studies._cell_record(config, cell))
+    assert json.loads((cell_dir / "cell.json").read_text()) == other
+
+
+def test_study_sizes_differ():
+    for name in STUDIES:
+        cpu, full = load_study_config(name, "cpu"), load_study_config(name, "full")
+        assert cpu.mode == full.mode == "study"
+        assert cpu.eval.limit > 0 and full.eval.limit == 0
+        studies.study_cells(cpu)
+        studies.study_cells(full)
