@@ -59,8 +59,11 @@ def _cell_name(text: str) -> str:
 
 
 def _kd_weight_cells(values: list[str]) -> list[Cell]:
-    return [Cell(_cell_name(v), _number(v, "kd_weight", 0.0),
-                 {"distill.kd_weight": _number(v, "kd_weight", 0.0)}) for v in values]
+    cells = []
+    for v in values:
+        weight = _number(v, "kd_weight", 0.0)
+        cells.append(Cell(_cell_name(f"{weight:g}"), weight, {"distill.kd_weight": weight}))
+    return cells
 
 
 def _budget_cells(values: list[str]) -> list[Cell]:
@@ -96,7 +99,7 @@ def _data_noise_cells(values: list[str]) -> list[Cell]:
         else:
             overrides = {f"distill.text_noise.{field}": rate
                          for field in ("typo_rate", "case_rate", "whitespace_rate")}
-        cells.append(Cell(_cell_name(v.replace(":", "-")), v, overrides))
+        cells.append(Cell(_cell_name(f"{kind}-{rate:g}"), f"{kind}:{rate:g}", overrides))
     return cells
 
 

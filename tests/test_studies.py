@@ -21,8 +21,10 @@ pytestmark = pytest.mark.real  # The tokenizer and data come from the asset pack
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDIES = ("kd_weight", "budget", "precision", "data_noise", "shift")
-TINY_GRIDS = {"kd_weight": "0.5,2", "budget": "2,3", "precision": "float32,bfloat16",
-              "data_noise": "label:0.3,text:0.1", "shift": "default"}
+# Small grids keep the suite short: two cells where skipping and ordering matter, one elsewhere.
+# The float32 and label-noise cells run the same code paths as the main job and kd_weight.
+TINY_GRIDS = {"kd_weight": "0.5,2", "budget": "3", "precision": "bfloat16",
+              "data_noise": "text:0.1", "shift": "default"}
 
 
 def load_study_config(name: str, size: str = "cpu"):
@@ -71,12 +73,12 @@ def tiny_model_dir(smollm2_tokenizer, tmp_path_factory):
     root = tmp_path_factory.mktemp("study_model")
     model_config = LlamaConfig(vocab_size=smollm2_tokenizer.vocab_size, hidden_size=32,
                                intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                               head_dim=8, max_position_embeddings=2048)
+                               head_dim=8, max_position_embeddings=2048,
+                               # With tied embeddings this random model replies with newlines
+                               # only, which leaves the KD metrics no reply tokens to score.
+                               tie_word_embeddings=False)
     params = jax.jit(Llama(model_config).init)(jax.random.key(0),
                                                jnp.zeros((1, 4), jnp.int32))["params"]
-    # Larger embeddings spread the logits, so greedy replies vary instead of repeating one
-    # whitespace token, and the teacher-forced KD metrics have reply tokens to score.
-    params["embed"]["embedding"] = params["embed"]["embedding"] * 50.0
     export_hf_directory(root / "model", model_config, params, smollm2_tokenizer)
     return root / "model"
 
@@ -86,6 +88,7 @@ def shared_workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("studies") / "work"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STUDIES)
 def test_study_runs_end_to_end(name, tiny_model_dir, shared_workdir, tmp_path):
     config = shrink(load_study_config(name), tiny_model_dir, TINY_GRIDS[name])
@@ -114,7 +117,7 @@ def test_study_runs_end_to_end(name, tiny_model_dir, shared_workdir, tmp_path):
     assert results["judge"]["feature_judge"]["n"] == 169
 
     if name == "budget":
-        assert [len(r["loss_curve"]) for r in results["cells"]] == [2, 3]
+        assert [len(r["loss_curve"]) for r in results["cells"]] == [3]
         assert "score_vs_time.png" in results["plots"]
     if name == "precision":
         assert "non-finite losses" in markdown
@@ -153,31 +156,37 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--config.study.name=kd_wieght"], ["kd_wieght", "kd_weight, budget"]),
-    (["--config.study.grid=0.5,abc"], ["'abc'", "not a number", "0.25,1,4"]),
-    (["--config.study.grid=-1"], ["'-1'", "below 0.0"]),
-    (["--config.study.grid="], ["is empty"]),
-])
-def test_bad_study_input(args, fragments, tmp_path):
+def test_bad_study_name_is_one_line(tmp_path):
     result = run_entry_point("--config", "configs/studies/kd_weight.py", "--workdir",
-                             str(tmp_path / "w"), *args)
+                             str(tmp_path / "w"), "--config.study.name=kd_wieght")
     line = one_line_error(result)
-    for fragment in fragments:
-        assert fragment in line
+    assert "kd_wieght" in line
+    assert "kd_weight, budget" in line
     assert not (tmp_path / "w").exists()
-
-
-def test_bad_size_and_grid_values(tmp_path):
     result = run_entry_point("--config", "configs/studies/budget.py:huge", "--workdir",
                              str(tmp_path / "w"))
-    assert "huge" in one_line_error(result)
-    result = run_entry_point("--config", "configs/studies/data_noise.py", "--workdir",
-                             str(tmp_path / "w"), "--config.study.grid=noise:0.1")
-    assert "label:<share> or text:<rate>" in one_line_error(result)
-    result = run_entry_point("--config", "configs/studies/precision.py", "--workdir",
-                             str(tmp_path / "w"), "--config.study.grid=float16")
-    assert "float32,bfloat16" in one_line_error(result)
+    assert "'huge'" in one_line_error(result)
+
+
+@pytest.mark.parametrize("name, grid, fragments", [
+    ("kd_weight", "0.5,abc", ["'abc'", "not a number", "0.25,1,4"]),
+    ("kd_weight", "-1", ["'-1'", "below 0.0"]),
+    ("kd_weight", "", ["is empty"]),
+    ("kd_weight", "1,1.0", ["repeats a value"]),
+    ("budget", "2.5", ["'2.5'", "not an integer"]),
+    ("data_noise", "noise:0.1", ["label:<share> or text:<rate>"]),
+    ("data_noise", "label:1.5", ["share >= 1"]),
+    ("precision", "float16", ["float32,bfloat16"]),
+    ("shift", "a,b", ["'default'"]),
+])
+def test_bad_grid_rejected_before_work(name, grid, fragments, tmp_path):
+    config = load_study_config(name)
+    config.study.grid = grid
+    with pytest.raises(ValueError) as error:
+        main.run(config, str(tmp_path / "w"))
+    for fragment in fragments:
+        assert fragment in str(error.value)
+    assert not (tmp_path / "w").exists()
 
 
 def test_cell_from_other_config_rejected(tmp_path):
@@ -201,3 +210,25 @@ def test_study_sizes_differ():
         assert cpu.eval.limit > 0 and full.eval.limit == 0
         studies.study_cells(cpu)
         studies.study_cells(full)
+
+
+def test_flip_labels_swaps_targets():
+    from ckt_jax import stages
+    from ckt_jax.data import refusals
+
+    rows = ([{"id": f"h{i}", "label": "harmful", "reply": "I can't help with that.",
+              "complete": True} for i in range(50)]
+            + [{"id": f"b{i}", "label": "benign", "reply": f"answer {i}", "complete": False}
+               for i in range(50)])
+    original = [dict(row) for row in rows]
+    flipped = stages.flip_labels(rows, 0.3, seed=0)
+    changed = [i for i, (a, b) in enumerate(zip(original, rows)) if a["label"] != b["label"]]
+    assert len(changed) == flipped
+    assert 15 <= flipped <= 45
+    benign_answers = {row["reply"] for row in original if row["label"] == "benign"}
+    for i in changed:
+        if original[i]["label"] == "harmful":
+            assert rows[i]["reply"] in benign_answers
+        else:
+            assert rows[i]["reply"] in refusals.REFUSAL_REPLIES
+    assert stages.flip_labels(rows, 0.0, seed=0) == 0
