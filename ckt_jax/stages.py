@@ -793,7 +793,8 @@ def _distillation_metrics(ctx: Context, eval_dir: pathlib.Path, subsets, student
 # report: one table for base, teacher and student.
 # --------------------------------------------------------------------------------------------
 
-REPORT_COLUMNS = ("overall_safety_score",) + metrics.SAFETY_COMPONENTS + ("kd_token_agreement",)
+REPORT_COLUMNS = (("overall_safety_score",) + metrics.SAFETY_COMPONENTS
+                  + ("kd_token_agreement", "kd_mean_kl", "judge_agreement", "margin_agreement"))
 
 
 def run_report(ctx: Context) -> dict:
@@ -814,6 +815,8 @@ def run_report(ctx: Context) -> dict:
         "eval_counts": {split: len(rows) for split, rows in subsets.items()},
         "split_counts": split_counts,
         "refusal_detector": validate_against_human_labels(),
+        "judge": (workdir.read_summary(ctx.root / "judge")
+                  if (ctx.root / "judge" / "stage.json").exists() else None),
         "stage_seconds": ctx.timings,
         "config": ctx.config.to_dict(),
     }
@@ -842,9 +845,17 @@ def format_table(report: dict) -> str:
     lines += [
         "",
         f"Evaluation prompts per split (seeded subsets): {counts}.",
-        "Rates in brackets: 95% Wilson intervals.",
+        "Rates in brackets: 95% Wilson intervals; the overall score: 95% bootstrap interval.",
         f"Refusal detector against {detector['n']} human-labelled replies: accuracy "
         f"{detector['accuracy']:.3f}, precision {detector['precision']:.3f}, "
         f"recall {detector['recall']:.3f}.",
     ]
+    judge = report.get("judge")
+    if judge:
+        scores = judge["feature_judge"]
+        lines.append(f"Feature judge ({judge['folds']}-fold cross-validation on the same replies): "
+                     f"accuracy {scores['accuracy']:.3f}, precision {scores['precision']:.3f}, "
+                     f"recall {scores['recall']:.3f}. judge_agreement: share of evaluation "
+                     "replies where both judges decide alike; margin_agreement: share where the "
+                     "likelihood margin's sign matches the string judge.")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,53 @@
+"""The results page generator on hand-made work directories."""
+
+import json
+
+import pytest
+
+from ckt_jax import results_page
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"0" * 16
+
+
+def make_study(root, name="kd_weight"):
+    study_dir = root / "studies" / name
+    study_dir.mkdir(parents=True)
+    (study_dir / "results.json").write_text(json.dumps({"study": name, "plots": ["score.png"]}))
+    (study_dir / "results.md").write_text(f"# Study `{name}` (cpu size)\n\n| cell |\n|---|\n| 1 |\n")
+    (study_dir / "score.png").write_bytes(PNG)
+
+
+def make_report(root):
+    model = {"overall_safety_score": 0.5, "overall_safety_score_ci95": [0.4, 0.6],
+             "harmful_refusal_rate": 0.75, "harmful_refusal_rate_ci95": [0.5, 0.9]}
+    report = {"models": {"base": model}, "eval_counts": {"eval_harmful": 4},
+              "refusal_detector": {"n": 169, "accuracy": 0.7, "precision": 1.0, "recall": 0.5},
+              "stage_seconds": {"eval": 12.0}}
+    (root / "report.json").write_text(json.dumps(report))
+
+
+def test_page_includes_tables_and_plots(tmp_path):
+    work = tmp_path / "runs" / "studies"
+    work.mkdir(parents=True)
+    make_study(work)
+    make_report(work)
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    results_page.main(["--workdir", str(work), "--out", str(page)])
+    text = page.read_text()
+    assert "### Study `kd_weight` (cpu size) in `studies`" in text
+    assert "| 1 |" in text
+    assert "![kd_weight score.png](results/studies/kd_weight/score.png)" in text
+    assert (tmp_path / "docs" / "results" / "studies" / "kd_weight" / "score.png").read_bytes() == PNG
+    assert "| base | 0.500 [0.40, 0.60] | 0.750 [0.50, 0.90]" in text
+    assert "eval 12" in text
+
+
+def test_page_rejects_empty_workdir(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        results_page.main(["--workdir", str(tmp_path / "empty"), "--out",
+                           str(tmp_path / "page.md")])
+    assert stopped.value.code == 2
+    assert "neither report.json nor studies/*/results.json" in capsys.readouterr().err
+    assert not (tmp_path / "page.md").exists()
