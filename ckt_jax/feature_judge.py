@@ -1,7 +1,7 @@
 """A second refusal judge that uses no phrase list: logistic regression on frozen-model features.
 
 The feature vector of a reply is the mean of the base model's final hidden states (after the
-final RMSNorm) over the reply's tokens, computed on the chat (request, reply), so the judge sees
+final RMSNorm) over the reply's tokens, computed on the chat (request, reply), so the judge scores
 the reply in the context of the request it answers. The classifier is L2-regularized logistic
 regression on standardized features, fitted by Newton's method in NumPy. It is trained on
 pyrit's human-labelled refusal-scorer replies and scored there by k-fold cross-validation, so
@@ -136,7 +136,7 @@ def pooled_reply_features(model: Llama, params, rows: Sequence[tuple[list[int], 
     """Mean final hidden state over each row's reply tokens, shape [N, D] (float32).
 
     Rows are right-padded to a multiple of ``pad_multiple`` tokens, so one compiled forward pass
-    serves every length bucket; padding changes no feature, because attention is causal and
+    serves every length bucket. Padding changes no feature, because attention is causal and
     padded keys are masked.
     """
     pool = _compiled_pool(model)

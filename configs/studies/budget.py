@@ -1,12 +1,14 @@
-"""Study budget. Compute budget: one student per distill.steps (warm-up a tenth of the steps); score against training wall time.
+"""Study budget. Compute budget: one student per distill.steps (warm-up a tenth of the steps); score
+against training wall time.
 
     python -m ckt_jax.main --config configs/studies/budget.py --workdir runs/studies
     python -m ckt_jax.main --config configs/studies/budget.py:full --workdir runs/studies_full
 
 CPU size (grid `10,20,40`, 24 prompts per evaluation split, no robustness regeneration) on 2 CPU
-cores: 10 + 20 + 40 steps: about 45 minutes (estimated from the main job's stage times; the shared data, targets, teacher
-and reference evaluations take about 20 minutes of that and are reused by the other studies in
-the same work directory). Full size: grid `30,100,300,1000`, every evaluation prompt.
+cores: 10 + 20 + 40 steps: about 45 minutes (estimated from the main job's stage times; the shared
+data, targets, teacher and reference evaluations take about 20 minutes of that and are reused by
+the other studies in the same work directory). Full size: grid `30,100,300,1000`, every evaluation
+prompt.
 """
 
 import importlib.util

@@ -1,12 +1,14 @@
-"""Study kd_weight. Distillation-weight sensitivity: one student per distill.kd_weight, other terms as in the main job.
+"""Study kd_weight. Distillation-weight sensitivity: one student per distill.kd_weight, other terms as
+in the main job.
 
     python -m ckt_jax.main --config configs/studies/kd_weight.py --workdir runs/studies
     python -m ckt_jax.main --config configs/studies/kd_weight.py:full --workdir runs/studies_full
 
 CPU size (grid `0.25,1,4`, 24 prompts per evaluation split, no robustness regeneration) on 2 CPU
-cores: 3 cells x 30 steps: about 50 minutes (estimated from the main job's stage times; the shared data, targets, teacher
-and reference evaluations take about 20 minutes of that and are reused by the other studies in
-the same work directory). Full size: grid `0,0.25,0.5,1,2,4`, every evaluation prompt.
+cores: 3 cells x 30 steps: about 50 minutes (estimated from the main job's stage times; the shared
+data, targets, teacher and reference evaluations take about 20 minutes of that and are reused by
+the other studies in the same work directory). Full size: grid `0,0.25,0.5,1,2,4`, every evaluation
+prompt.
 """
 
 import importlib.util
