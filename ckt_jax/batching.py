@@ -94,7 +94,7 @@ def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fract
 
 
 def counts_needed(label: str, harmful_fraction: float) -> bool:
-    """Whether batches drawn with `harmful_fraction` contain any `label` rows at all."""
+    """Return whether batches drawn with `harmful_fraction` contain any `label` rows."""
     return harmful_fraction > 0.0 if label == "harmful" else harmful_fraction < 1.0
 
 
