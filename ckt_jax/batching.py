@@ -93,11 +93,33 @@ def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fract
         yield pad_batch(chosen, pad_id, pad_multiple, max_seq_len)
 
 
+def counts_needed(label: str, harmful_fraction: float) -> bool:
+    """Return whether batches drawn with `harmful_fraction` contain any `label` rows."""
+    return harmful_fraction > 0.0 if label == "harmful" else harmful_fraction < 1.0
+
+
+def harmful_counts(first: int, n_batches: int, batch_size: int,
+                   harmful_fraction: float) -> list[int]:
+    """Harmful rows in batches `first .. first + n_batches - 1` of a stream.
+
+    Batch i holds round((i + 1) * m) - round(i * m) rows for m = batch_size * harmful_fraction:
+    the floor or the ceiling of m, spread evenly, so every prefix of the stream is within one row
+    of its exact share, and a whole-number m gives m rows in every batch.
+    """
+    mean = batch_size * harmful_fraction
+    edges = [int(np.floor(i * mean + 0.5)) for i in range(first, first + n_batches + 1)]
+    return [edges[i + 1] - edges[i] for i in range(n_batches)]
+
+
 def balanced_example_batches(examples: Sequence[Example], batch_size: int,
                              harmful_fraction: float, seed: int, max_seq_len: int,
                              pool_batches: int = 16, wrapped_fraction: float = 0.0,
                              ) -> Iterator[list[Example]]:
-    """Yield batches of examples forever: `round(batch_size * harmful_fraction)` harmful each.
+    """Yield batches of examples forever, `batch_size * harmful_fraction` harmful on average.
+
+    When that product is not a whole number, batches hold its floor or its ceiling, spread
+    evenly, so the share over a pool of batches matches `harmful_fraction` (0.35 of 8 rows
+    gives 2.8 harmful rows per batch, not 3).
 
     A share `wrapped_fraction` of the batches holds only wrapped examples, the rest only plain
     ones. Every (group, class) stream is reshuffled (with `seed`) each time it is exhausted, so
@@ -107,16 +129,17 @@ def balanced_example_batches(examples: Sequence[Example], batch_size: int,
     """
     if not 0.0 <= wrapped_fraction <= 1.0:
         raise ValueError(f"wrapped_fraction={wrapped_fraction} is outside [0, 1]")
-    n_harmful = int(round(batch_size * harmful_fraction))
-    counts = {"harmful": n_harmful, "benign": batch_size - n_harmful}
+    if not 0.0 <= harmful_fraction <= 1.0:
+        raise ValueError(f"harmful_fraction={harmful_fraction} is outside [0, 1]")
+    labels = ("harmful", "benign")
     groups = {False: 1.0 - wrapped_fraction, True: wrapped_fraction}
     streams = {}
     for wrapped, share in groups.items():
         if share == 0:
             continue
-        for label, count in counts.items():
+        for label in labels:
             members = [e for e in examples if e.label == label and e.wrapped == wrapped]
-            if count and not members:
+            if counts_needed(label, harmful_fraction) and not members:
                 kind = "wrapped" if wrapped else "plain"
                 raise ValueError(
                     f"no {kind} {label} training examples fit max_seq_len={max_seq_len}; raise "
@@ -124,6 +147,7 @@ def balanced_example_batches(examples: Sequence[Example], batch_size: int,
             streams[(wrapped, label)] = members
     rng = np.random.default_rng(seed)
     orders = {key: [] for key in streams}
+    drawn = {False: 0, True: 0}  # Batches drawn so far from each group.
 
     def take(key) -> Example:
         if not orders[key]:
@@ -136,12 +160,16 @@ def balanced_example_batches(examples: Sequence[Example], batch_size: int,
             n_batches = int(round(pool_batches * share))
             if n_batches == 0:
                 continue
-            pools = {label: sorted((take((wrapped, label)) for _ in range(count * n_batches)),
+            harmful = harmful_counts(drawn[wrapped], n_batches, batch_size, harmful_fraction)
+            drawn[wrapped] += n_batches
+            counts = {"harmful": harmful, "benign": [batch_size - h for h in harmful]}
+            pools = {label: sorted((take((wrapped, label)) for _ in range(sum(counts[label]))),
                                    key=lambda e: len(e.input_ids))
-                     for label, count in counts.items()}
+                     for label in labels}
+            offsets = {label: np.concatenate([[0], np.cumsum(counts[label])]) for label in labels}
             for i in range(n_batches):
-                chosen = [e for label, count in counts.items()
-                          for e in pools[label][i * count:(i + 1) * count]]
+                chosen = [e for label in labels
+                          for e in pools[label][offsets[label][i]:offsets[label][i + 1]]]
                 order = rng.permutation(len(chosen))
                 batches.append([chosen[j] for j in order])
         for i in rng.permutation(len(batches)):

@@ -117,3 +117,26 @@ def test_examples_fingerprint_changes_with_content():
     changed = examples[:-1] + [Example(examples[-1].input_ids, examples[-1].loss_mask, "benign",
                                        examples[-1].prompt_id)]
     assert examples_fingerprint(examples) != examples_fingerprint(changed)
+
+
+def test_fractional_harmful_share_is_kept_over_the_stream():
+    # 0.35 of 8 rows is 2.8: batches hold 2 or 3 harmful rows, 2.8 on average, where rounding
+    # every batch to 3 would train on 0.375.
+    rng = np.random.default_rng(0)
+    examples = make_examples(40, "harmful", rng) + make_examples(40, "benign", rng)
+    stream = balanced_batches(examples, batch_size=8, harmful_fraction=0.35, seed=2, pad_id=0,
+                              max_seq_len=256, pool_batches=4)
+    per_batch = [int(np.sum(next(stream)["input_ids"][:, 0] == 3)) for _ in range(40)]
+    assert set(per_batch) == {2, 3}
+    assert sum(per_batch) == 112  # 40 batches x 2.8
+
+
+def test_harmful_counts_prefixes_stay_within_one_row():
+    from ckt_jax.batching import harmful_counts
+    for fraction in (0.0, 0.1, 0.35, 0.4, 0.5, 2 / 3, 1.0):
+        counts = harmful_counts(0, 50, 8, fraction)
+        assert all(np.floor(8 * fraction) <= c <= np.ceil(8 * fraction) for c in counts)
+        assert all(abs(sum(counts[:n]) - n * 8 * fraction) <= 0.5 for n in range(1, 51))
+        # Drawing the stream in pieces gives the same counts as drawing it at once.
+        assert harmful_counts(0, 20, 8, fraction) + harmful_counts(20, 30, 8, fraction) == counts
+    assert harmful_counts(0, 4, 8, 0.5) == [4, 4, 4, 4]
