@@ -27,7 +27,7 @@ from absl import logging
 
 from ckt_jax import feature_judge, metrics, workdir
 from ckt_jax.data import sources, templates, text_noise
-from ckt_jax.generate import PROMPT_BUCKET, greedy_generate
+from ckt_jax.generate import PROMPT_BUCKET, greedy_generate, score_openings
 from ckt_jax.losses.robustness import length_scaled_noise
 from ckt_jax.model import Llama, init_cache
 from ckt_jax.refusal_detector import is_refusal
@@ -163,29 +163,15 @@ def judge_refusals(ctx, judge: feature_judge.LogisticModel,
 
 @functools.lru_cache(maxsize=8)
 def _compiled_opening_scores(model: Llama, openings: tuple[tuple[int, ...], ...]):
-    longest = max(len(o) for o in openings)
-
     def score(params, cache, prompt_ids_BxP, prompt_mask_BxP):
         variables = {"params": params}
         prefill = model.apply(variables, prompt_ids_BxP, attention_mask_BxL=prompt_mask_BxP,
                               cache=cache)
         first_B1xV = model.apply(variables, prefill.hidden_BxLxD[:, -1:, :], method="project")
         first_log_probs_BxV = jax.nn.log_softmax(first_B1xV[:, 0].astype(jnp.float32), axis=-1)
-        batch = prompt_ids_BxP.shape[0]
-        scores = []
-        for opening in openings:
-            padded = list(opening) + [opening[-1]] * (longest - len(opening))
-            ids_BxK = jnp.broadcast_to(jnp.asarray(padded, jnp.int32), (batch, longest))
-            total_B = first_log_probs_BxV[:, opening[0]]
-            if len(opening) > 1:
-                out = model.apply(variables, ids_BxK, cache=prefill.cache)
-                log_probs_BxKxV = jax.nn.log_softmax(out.logits_BxLxV.astype(jnp.float32), -1)
-                for j in range(1, len(opening)):
-                    total_B = total_B + log_probs_BxKxV[:, j - 1, opening[j]]
-            scores.append(total_B)
-        return jnp.stack(scores, axis=1)
+        return score_openings(model, variables, first_log_probs_BxV, prefill.cache, openings)
 
-    return jax.jit(score), longest
+    return jax.jit(score), max(len(o) for o in openings)
 
 
 def opening_log_probs(model: Llama, params, prompts_ids: Sequence[list[int]],
@@ -219,14 +205,27 @@ def opening_log_probs(model: Llama, params, prompts_ids: Sequence[list[int]],
     return out
 
 
+def margin_openings(tokenizer) -> list[list[int]]:
+    """Token ids of the refusal openings followed by the compliant openings."""
+    return [tokenizer.encode(text) for text in REFUSAL_OPENINGS + COMPLIANT_OPENINGS]
+
+
+def margins_from_scores(scores_NxO: np.ndarray) -> np.ndarray:
+    """Refusal margins from opening log-probabilities ordered as in `margin_openings`."""
+    return metrics.refusal_margin(scores_NxO[:, :len(REFUSAL_OPENINGS)],
+                                  scores_NxO[:, len(REFUSAL_OPENINGS):])
+
+
 def refusal_margins(ctx, model_config, params, prompts: Sequence[str]) -> np.ndarray:
-    """Likelihood refusal margin (`metrics.refusal_margin`) of each prompt, in nats."""
+    """Likelihood refusal margin (`metrics.refusal_margin`) of each prompt, in nats.
+
+    The eval stage gets the same numbers from its generation pass (`greedy_generate` with
+    ``openings_ids``); this stand-alone version prefills the prompts itself.
+    """
     tok = ctx.tokenizer
-    openings = [tok.encode(text) for text in REFUSAL_OPENINGS + COMPLIANT_OPENINGS]
     scores = opening_log_probs(Llama(model_config), params, [tok.encode_chat(p)[0] for p in prompts],
-                               openings, tok.pad_id, ctx.config.eval.batch_size)
-    return metrics.refusal_margin(scores[:, :len(REFUSAL_OPENINGS)],
-                                  scores[:, len(REFUSAL_OPENINGS):])
+                               margin_openings(tok), tok.pad_id, ctx.config.eval.batch_size)
+    return margins_from_scores(scores)
 
 
 # --------------------------------------------------------------------------------------------

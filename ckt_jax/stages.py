@@ -238,8 +238,13 @@ def _benign_prompts(ctx: Context) -> list[dict]:
 
 
 def generate_replies(ctx: Context, model_config: LlamaConfig, model_params, prompts: list[str],
-                     max_new_tokens: int, batch_size: int, what: str) -> list[dict]:
-    """Greedy replies (chat template applied) with a `complete` flag for rows that hit eos."""
+                     max_new_tokens: int, batch_size: int, what: str,
+                     openings_ids: list[list[int]] | None = None) -> list[dict]:
+    """Greedy replies (chat template applied) with a `complete` flag for rows that hit eos.
+
+    With ``openings_ids`` each row also gets `opening_scores`, the log-probability of each
+    opening after the prompt (see `greedy_generate`).
+    """
     model = Llama(model_config)
     tok = ctx.tokenizer
     prompt_ids = [tok.encode_chat(p)[0] for p in prompts]
@@ -252,11 +257,16 @@ def generate_replies(ctx: Context, model_config: LlamaConfig, model_params, prom
 
     outputs = greedy_generate(model, model_params, prompt_ids, max_new_tokens=max_new_tokens,
                               eos_id=tok.eos_id, pad_id=tok.pad_id, batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, openings_ids=openings_ids)
+    scores = None
+    if openings_ids is not None:
+        outputs, scores = outputs
     rows = []
-    for ids in outputs:
+    for index, ids in enumerate(outputs):
         rows.append({"reply": tok.decode(ids), "complete": len(ids) < max_new_tokens,
                      "new_tokens": len(ids)})
+        if scores is not None:
+            rows[-1]["opening_scores"] = scores[index]
     total_tokens = sum(r["new_tokens"] for r in rows)
     elapsed = time.perf_counter() - started
     logging.info("%s: %d replies, %d tokens in %.1f s (%.0f tokens/s)", what, len(rows),
@@ -684,9 +694,11 @@ def _evaluate_model(ctx: Context, name: str, model_dir: pathlib.Path, record: di
     model_config, params = _model_for_eval(ctx, name)
     flat = [(split, row) for split in subsets for row in subsets[split]]
     prompts = [row["prompt"] for _, row in flat]
+    # The likelihood margins come from the generation's own prefill of each prompt.
     replies = generate_replies(ctx, model_config, params, prompts, cfg.max_new_tokens,
-                               cfg.batch_size, f"eval {name}")
-    margins = evaluation.refusal_margins(ctx, model_config, params, prompts)
+                               cfg.batch_size, f"eval {name}",
+                               openings_ids=evaluation.margin_openings(ctx.tokenizer))
+    margins = evaluation.margins_from_scores(np.stack([r["opening_scores"] for r in replies]))
     generations = []
     for (split, row), reply, margin in zip(flat, replies, margins):
         generations.append({"split": split, "id": row["id"], "template": row.get("template", ""),

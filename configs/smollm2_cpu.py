@@ -139,7 +139,9 @@ def get_config() -> config_dict.ConfigDict:
     # Second refusal judge: logistic regression on the base model's mean-pooled hidden states of
     # each reply, fitted on pyrit's human-labelled replies (<workdir>/judge/).
     c.judge = config_dict.ConfigDict()
-    c.judge.enabled = True          # Fit the judge and score every evaluation reply with it too.
+    # Off here to keep the main job within 30 minutes on 2 cores: fitting takes about 3 minutes
+    # and scoring every reply of three models a few more. The studies switch it on.
+    c.judge.enabled = False         # Fit the judge and score every evaluation reply with it too.
     c.judge.folds = 5               # Cross-validation folds for its reported scores.
     c.judge.l2 = 1.0                # L2 penalty on the weights of standardized features.
     c.judge.max_prompt_tokens = 128 # Last tokens of the rendered request kept as context.
@@ -148,7 +150,8 @@ def get_config() -> config_dict.ConfigDict:
 
     # Robustness of the models named in `models`: replies regenerated under perturbed prompts.
     c.robustness = config_dict.ConfigDict()
-    c.robustness.models = "student"       # comma-separated subset of base,teacher,student; "" = none.
+    # "" in the main job: each perturbation regenerates replies (several minutes on 2 cores).
+    c.robustness.models = ""              # comma-separated subset of base,teacher,student; "" = none.
     c.robustness.embedding_noise = "5,20" # comma-separated noise alphas on prompt embeddings.
     c.robustness.char_noise = "0.05,0.15" # comma-separated typo, case and whitespace rates.
     c.robustness.limit = 20               # Prompts per split regenerated for each perturbation.

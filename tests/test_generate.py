@@ -116,3 +116,26 @@ def test_smollm2_cache_matches_recompute(smollm2_flax, smollm2_tokenizer):
                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, batch_size=2)
     assert generated == expected
     assert all(len(g) > 0 for g in generated)
+
+
+def test_opening_scores_match_full_forward():
+    # Scores from the generation's prefill equal log-softmax sums of a full forward pass over
+    # prompt + opening, and the replies are the same as without scoring.
+    model = Llama(TINY)
+    params = model.init(jax.random.key(5), jnp.zeros((1, 4), jnp.int32))["params"]
+    prompts = [[3, 9, 27, 81], [5, 6], [7, 8, 9, 10, 11, 12, 13]]
+    openings = [[17], [40, 41, 42], [90, 91]]
+    plain = greedy_generate(model, params, prompts, max_new_tokens=2, eos_id=-1, pad_id=0,
+                            batch_size=2)
+    replies, scores = greedy_generate(model, params, prompts, max_new_tokens=2, eos_id=-1,
+                                      pad_id=0, batch_size=2, openings_ids=openings)
+    assert replies == plain
+    assert scores.shape == (3, 3)
+    for i, prompt in enumerate(prompts):
+        for o, opening in enumerate(openings):
+            ids = np.asarray([prompt + opening], np.int32)
+            logits = model.apply({"params": params}, ids).logits_BxLxV[0]
+            log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1))
+            expected = sum(log_probs[len(prompt) - 1 + j, token]
+                           for j, token in enumerate(opening))
+            np.testing.assert_allclose(scores[i, o], expected, atol=1e-4)

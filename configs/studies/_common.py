@@ -39,6 +39,7 @@ def study_config(name: str, size: str, cpu_grid: str, full_grid: str):
     c.study.name = name
     c.study.size = size
     c.study.grid = cpu_grid if size == "cpu" else full_grid
+    c.judge.enabled = True  # The main job leaves the second judge off to stay within its budget.
     if size == "cpu":
         c.eval.limit = 24
         c.eval.batch_size = 24
