@@ -53,11 +53,11 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.lora_rank = 8               # LoRA rank r of every adapted projection.
     c.distill.lora_alpha = 16.0           # LoRA update scale is lora_alpha / lora_rank.
     c.distill.lora_targets = "q,k,v,o,gate,up,down"  # Projections given adapters (q,k,v,o: 0.75).
-    c.distill.steps = 30                  # Optimizer steps.
+    c.distill.steps = 40                  # Optimizer steps (30: 0.764 overall, 40: 0.825).
     c.distill.batch_size = 8              # Examples per step.
     c.distill.learning_rate = 3e-3        # Peak of a warm-up + cosine schedule.
     c.distill.warmup_steps = 3            # Steps of linear warm-up from 0.
-    c.distill.harmful_fraction = 0.4      # Share of harmful rows per batch (0.5 over-refused).
+    c.distill.harmful_fraction = 0.375    # Harmful share of rows (0.25 under-refused: 0.60).
     c.distill.label_noise = 0.0           # Share of the student's targets flipped (refuse <-> comply).
     # Objective weights; 0 switches a term off (and skips its computation).
     c.distill.kd_weight = 1.0             # Teacher-to-student divergence on reply tokens.
@@ -82,7 +82,7 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.relation_method = "relation"    # relation (teacher's similarities) or supcon.
     c.distill.noise_alpha = 5.0           # Embedding noise magnitude alpha / sqrt(length * hidden).
     c.distill.noise_distribution = "gaussian"  # gaussian or uniform.
-    c.distill.consistency_row_stride = 2  # Noisy pass on every 2nd row of a batch (half the cost).
+    c.distill.consistency_row_stride = 4  # Noisy pass on every 4th row of a batch (a quarter).
     c.distill.consistency_target = "student"   # Match the clean student or the clean teacher.
     c.distill.adversarial_mode = "smart"  # smart (final perturbation) or freelb (averaged).
     c.distill.adversarial_steps = 1       # Ascent steps per training step.
