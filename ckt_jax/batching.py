@@ -102,7 +102,7 @@ def harmful_counts(first: int, n_batches: int, batch_size: int,
                    harmful_fraction: float) -> list[int]:
     """Harmful rows in batches `first .. first + n_batches - 1` of a stream.
 
-    Batch i holds round((i + 1) * m) - round(i * m) rows for m = batch_size * harmful_fraction:
+    Batch i contains round((i + 1) * m) - round(i * m) rows for m = batch_size * harmful_fraction:
     the floor or the ceiling of m, spread evenly, so every prefix of the stream is within one row
     of its exact share, and a whole-number m gives m rows in every batch.
     """

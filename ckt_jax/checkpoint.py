@@ -39,6 +39,8 @@ from absl import logging
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers
 
+from ckt_jax import workdir
+
 TMP_MARKER = ".orbax-checkpoint-tmp"
 METRICS_FILE = "metrics.jsonl"
 BEST_MODES = ("min", "max")
@@ -90,19 +92,10 @@ def tree_fingerprint(tree: Any) -> str:
     return digest.hexdigest()
 
 
-def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(record, dict):
-        flat = {}
-        for key, value in record.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): record}
-
-
 def first_difference(stored: Any, current: Any) -> str | None:
     """Describe the first differing flattened key (`key: checkpoint A, now B`), or None."""
-    old = _flatten(json.loads(json.dumps(stored)))
-    new = _flatten(json.loads(json.dumps(current)))
+    old = workdir.flatten_record(json.loads(json.dumps(stored)))
+    new = workdir.flatten_record(json.loads(json.dumps(current)))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             return f"{key}: checkpoint {old.get(key)!r}, now {new.get(key)!r}"

@@ -148,7 +148,7 @@ def _set_field(config, dotted: str, value) -> None:
 
 
 def cell_config(config, cell: Cell):
-    """The config of one cell: the study config with the cell's overrides and student name."""
+    """Build the config of one cell: the study config with the cell's overrides and student name."""
     cell_cfg = copy.deepcopy(config)
     for field, value in cell.overrides.items():
         _set_field(cell_cfg, field, value)
@@ -175,7 +175,7 @@ def _check_cell_dir(cell_dir: pathlib.Path, record: dict) -> dict | None:
 
 
 def _cell_context(ctx: stages.Context, config) -> stages.Context:
-    """A context for one cell that shares the loaded tokenizer, weights and mesh of ``ctx``."""
+    """Make a context for one cell that shares the loaded tokenizer, weights and mesh of ``ctx``."""
     cell_ctx = stages.Context(config=config, root=ctx.root)
     for name in ("model_path", "tokenizer", "base", "mesh"):
         if name in ctx.__dict__:

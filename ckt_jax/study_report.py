@@ -30,7 +30,7 @@ SHIFT_ROWS = (("in distribution (held-out AdvBench + Do-Not-Answer)", "eval_held
 
 
 def hardware() -> dict:
-    """The machine a study ran on, as the results state it."""
+    """Describe the machine a study ran on, for the results."""
     import jax
 
     device = jax.devices()[0]

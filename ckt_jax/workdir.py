@@ -36,11 +36,12 @@ def prepare_workdir(path: str | os.PathLike) -> pathlib.Path:
     return root
 
 
-def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_record(record: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into one dict with dotted keys."""
     if isinstance(record, dict):
         flat = {}
         for key, value in record.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_record(value, f"{prefix}{key}."))
         return flat
     return {prefix.rstrip("."): record}
 
@@ -58,7 +59,7 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
     except (json.JSONDecodeError, KeyError) as err:
         raise WorkdirError(f"{path} is unreadable ({err}); delete {stage_dir} to redo the stage"
                            ) from err
-    old, new = _flatten(stored), _flatten(json.loads(json.dumps(record)))
+    old, new = flatten_record(stored), flatten_record(json.loads(json.dumps(record)))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             raise WorkdirError(

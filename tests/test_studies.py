@@ -125,7 +125,8 @@ def test_study_runs_end_to_end(name, tiny_model_dir, shared_workdir, tmp_path):
     if name == "shift":
         student = results["cells"][0]["metrics"]
         assert "heldout_refusal_rate" in student
-        assert "HarmBench" in markdown and "StrongREJECT" in markdown
+        assert "HarmBench" in markdown
+        assert "StrongREJECT" in markdown
         assert "strongreject" in student["breakdown"]["eval_harmful"]["source"]
         robustness = results["cells"][0]["robustness"]["cells"]
         kinds = {cell["perturbation"] for cell in robustness}
@@ -207,7 +208,8 @@ def test_study_sizes_differ():
     for name in STUDIES:
         cpu, full = load_study_config(name, "cpu"), load_study_config(name, "full")
         assert cpu.mode == full.mode == "study"
-        assert cpu.eval.limit > 0 and full.eval.limit == 0
+        assert cpu.eval.limit > 0
+        assert full.eval.limit == 0
         studies.study_cells(cpu)
         studies.study_cells(full)
 
