@@ -166,7 +166,7 @@ def _compiled_opening_scores(model: Llama, openings: tuple[tuple[int, ...], ...]
     def score(params, cache, prompt_ids_BxP, prompt_mask_BxP):
         variables = {"params": params}
         prefill = model.apply(variables, prompt_ids_BxP, attention_mask_BxL=prompt_mask_BxP,
-                              cache=cache)
+                              cache=cache, cache_is_empty=True)
         first_B1xV = model.apply(variables, prefill.hidden_BxLxD[:, -1:, :], method="project")
         first_log_probs_BxV = jax.nn.log_softmax(first_B1xV[:, 0].astype(jnp.float32), axis=-1)
         return score_openings(model, variables, first_log_probs_BxV, prefill.cache, openings)

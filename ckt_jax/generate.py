@@ -59,10 +59,11 @@ def _compiled_generate(model: Llama, max_new_tokens: int, eos_id: int, pad_id: i
             embeds_BxPxD = embeds_BxPxD + length_scaled_noise(
                 noise_key, embeds_BxPxD, prompt_mask_BxP, noise_alpha)
             prefill = model.apply(variables, inputs_embeds_BxLxD=embeds_BxPxD,
-                                  attention_mask_BxL=prompt_mask_BxP, cache=cache)
+                                  attention_mask_BxL=prompt_mask_BxP, cache=cache,
+                                  cache_is_empty=True)
         else:
             prefill = model.apply(variables, prompt_ids_BxP, attention_mask_BxL=prompt_mask_BxP,
-                                  cache=cache)
+                                  cache=cache, cache_is_empty=True)
         # Project only the last position: the full prefill logits are dead code that XLA drops.
         last_logits_Bx1xV = model.apply(variables, prefill.hidden_BxLxD[:, -1:, :],
                                         method="project")
@@ -210,7 +211,7 @@ def _compiled_stream_steps(model: Llama, temperature: float, top_p: float):
 
     def prefill(params, cache, prompt_ids_1xP, prompt_mask_1xP, key):
         out = model.apply({"params": params}, prompt_ids_1xP, attention_mask_BxL=prompt_mask_1xP,
-                          cache=cache)
+                          cache=cache, cache_is_empty=True)
         logits_1x1xV = model.apply({"params": params}, out.hidden_BxLxD[:, -1:, :],
                                    method="project")
         return _pick_token(logits_1x1xV[0, 0], key, temperature, top_p), out.cache

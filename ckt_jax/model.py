@@ -309,10 +309,10 @@ class Attention(nn.Module):
             preferred_element_type=jnp.float32) * scale
         scores_BxKxGxLxL = jnp.where(allowed_new_BxLxL[:, None, None], scores_BxKxGxLxL,
                                      _MASK_VALUE)
-        if layer_cache is None:
+        if layer_cache is None or allowed_cached_BxLxS is None:
+            # No cache, or an empty one (a prefill): attend to the new tokens only.
             probs_BxKxGxLxL = jax.nn.softmax(scores_BxKxGxLxL, axis=-1).astype(self.dtype)
             out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE)
-            new_kv = None
         else:
             cached_k_BxSxKxE, cached_v_BxSxKxE = layer_cache
             S = cached_k_BxSxKxE.shape[1]
@@ -327,8 +327,10 @@ class Attention(nn.Module):
                 jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxT[..., :S],
                            cached_v_BxSxKxE.astype(self.dtype))
                 + jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxT[..., S:], v_BxLxKxE))
-            new_kv = (k_BxLxKxE.astype(cached_k_BxSxKxE.dtype),
-                      v_BxLxKxE.astype(cached_v_BxSxKxE.dtype))
+        new_kv = None
+        if layer_cache is not None:
+            cache_dtype = layer_cache[0].dtype
+            new_kv = (k_BxLxKxE.astype(cache_dtype), v_BxLxKxE.astype(cache_dtype))
         out_BxLxD = self._projection("o", cfg.hidden_size)(out_BxLxKxGxE.reshape(B, L, H * E))
         return out_BxLxD, new_kv
 
@@ -445,7 +447,7 @@ class Llama(nn.Module):
         return logits_BxLxV.astype(self.output_dtype)
 
     def __call__(self, input_ids_BxL=None, *, inputs_embeds_BxLxD=None, attention_mask_BxL=None,
-                 positions_BxL=None, cache=None) -> LlamaOutput:
+                 positions_BxL=None, cache=None, cache_is_empty=False) -> LlamaOutput:
         """Run the decoder.
 
         Pass exactly one of ``input_ids_BxL`` or ``inputs_embeds_BxLxD``. ``attention_mask_BxL``
@@ -453,7 +455,8 @@ class Llama(nn.Module):
         Positions default to the number of real tokens before each one, counting tokens already
         in ``cache``, so left padding does not shift them. With ``cache`` (from ``init_cache``),
         the L new tokens go to slots ``index .. index + L - 1``, and the returned cache has
-        ``index`` advanced by L.
+        ``index`` advanced by L. ``cache_is_empty=True`` (a Python bool) promises that ``cache``
+        is fresh from ``init_cache``, so a prefill skips attention over its empty slots.
         """
         if (input_ids_BxL is None) == (inputs_embeds_BxLxD is None):
             raise ValueError("Llama: pass exactly one of input_ids_BxL or inputs_embeds_BxLxD "
@@ -488,8 +491,9 @@ class Llama(nn.Module):
         else:
             cache_index = cache["index"]
             S = cache["mask"].shape[1]
-            # Cached slots before `index` that hold real tokens are visible to every new query.
-            allowed_cached_BxLxS = jnp.broadcast_to(
+            # Cached slots before `index` that hold real tokens are visible to every new query;
+            # None tells the layers that there are none.
+            allowed_cached_BxLxS = None if cache_is_empty else jnp.broadcast_to(
                 (cache["mask"] & (jnp.arange(S) < cache_index)[None, :])[:, None, :], (B, L, S))
             # NOTE: dynamic_update_slice clamps its start index, so writing past max_len
             # silently overwrites the last slots. Size the cache for prompt + new tokens.

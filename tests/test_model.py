@@ -218,7 +218,9 @@ def test_all_padding_row_is_finite():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_cache_prefill_then_decode_matches_full():
+@pytest.mark.parametrize("cache_is_empty", [False, True])
+def test_cache_prefill_then_decode_matches_full(cache_is_empty):
+    # cache_is_empty=True skips attention over the empty slots; the result must not change.
     model, params = tiny_params()
     prompt_len, steps = 8, 5
     ids_BxL = random_ids((2, prompt_len + steps), TINY.vocab_size)
@@ -229,9 +231,13 @@ def test_cache_prefill_then_decode_matches_full():
 
     cache = init_cache(TINY, 2, prompt_len + steps + 3)
     out = model.apply({"params": params}, jnp.asarray(ids_BxL[:, :prompt_len]),
-                      attention_mask_BxL=jnp.asarray(mask_BxL[:, :prompt_len]), cache=cache)
+                      attention_mask_BxL=jnp.asarray(mask_BxL[:, :prompt_len]), cache=cache,
+                      cache_is_empty=cache_is_empty)
     np.testing.assert_allclose(np.asarray(out.logits_BxLxV)[0], np.asarray(full)[0, :prompt_len],
                                atol=1e-5)
+    # Row 1's real tokens match too (its padded positions are never read).
+    np.testing.assert_allclose(np.asarray(out.logits_BxLxV)[1, 3:],
+                               np.asarray(full)[1, 3:prompt_len], atol=1e-5)
     for step in range(steps):
         position = prompt_len + step
         out = model.apply({"params": params}, jnp.asarray(ids_BxL[:, position:position + 1]),
