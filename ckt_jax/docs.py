@@ -9,12 +9,13 @@ when either page differs from what this module renders, so the pages follow the 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import io
 import pathlib
 import sys
 import tokenize
+
+from ckt_jax import config_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_PATH = ROOT / "configs" / "smollm2_cpu.py"
@@ -92,10 +93,7 @@ UNITS.update({
 
 
 def _load_config(path: pathlib.Path):
-    spec = importlib.util.spec_from_file_location("ckt_jax_docs_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_files.load_module(path).get_config()
 
 
 def config_comments(source: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ size.
 
 from __future__ import annotations
 
-import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -22,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ckt_jax import distributed, modes, sharding, stages, studies, workdir
+from ckt_jax import config_files, distributed, modes, sharding, stages, studies, workdir
 from ckt_jax.train import TrainingStopped
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
@@ -153,10 +152,8 @@ def check_config_args(argv: list[str]) -> str | None:
     if not os.path.isfile(path):
         return (f"config file {path!r} not found; pass --config with an existing file, "
                 "for example configs/smollm2_cpu.py")
-    spec = importlib.util.spec_from_file_location("ckt_jax_user_config", path)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = config_files.load_module(path)
         config = module.get_config() if argument is None else module.get_config(argument)
     except Exception as err:  # noqa: BLE001 - any failure in user code is reported the same way.
         return f"config file {path!r} failed to load: {type(err).__name__}: {err}"

@@ -6,14 +6,9 @@ A few minutes on a 2-core CPU. The numbers it reports are not meaningful; it che
 connect end to end.
 """
 
-import importlib.util
-import pathlib
+from ckt_jax import config_files
 
-# Load the sibling file by path, so this config works whatever the current directory is.
-_spec = importlib.util.spec_from_file_location(
-        "smollm2_cpu", pathlib.Path(__file__).with_name("smollm2_cpu.py"))
-smollm2_cpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(smollm2_cpu)
+smollm2_cpu = config_files.sibling(__file__, "smollm2_cpu.py")
 
 
 def get_config():

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ckt_jax import main, studies, workdir
+from ckt_jax import config_files, main, studies, workdir
 from ckt_jax.export import export_hf_directory
 from ckt_jax.model import Llama, LlamaConfig
 
@@ -28,13 +28,7 @@ TINY_GRIDS = {"kd_weight": "0.5,2", "budget": "3", "precision": "bfloat16",
 
 
 def load_study_config(name: str, size: str = "cpu"):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"study_{name}",
-                                                  ROOT / "configs" / "studies" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(size)
+    return config_files.load_module(ROOT / "configs" / "studies" / f"{name}.py").get_config(size)
 
 
 def shrink(config, model_dir: pathlib.Path, grid: str):

@@ -9,16 +9,15 @@ side (the data, targets and teacher are built once and reused):
   done
 """
 
-import importlib.util
 import pathlib
+
+from ckt_jax import config_files
 
 
 def main_config():
-    path = pathlib.Path(__file__).resolve().parents[1] / "smollm2_cpu.py"
-    spec = importlib.util.spec_from_file_location("smollm2_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The main CPU config, `configs/smollm2_cpu.py`."""
+    return config_files.load_module(
+        pathlib.Path(__file__).resolve().parents[1] / "smollm2_cpu.py").get_config()
 
 
 def objective_off(config):

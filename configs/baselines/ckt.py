@@ -9,13 +9,9 @@ and backward pass to every step on CPU.
   python -m ckt_jax.main --config configs/baselines/ckt.py --workdir runs/baselines
 """
 
-import importlib.util
-import pathlib
+from ckt_jax import config_files
 
-_spec = importlib.util.spec_from_file_location(
-    "baselines_common", pathlib.Path(__file__).with_name("_common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+_common = config_files.sibling(__file__, "_common.py")
 
 
 def get_config():

@@ -12,18 +12,17 @@ targets, teacher and reference evaluations are built once. The shift study holds
 prompts, which changes the teacher, so it needs a work directory of its own.
 """
 
-import importlib.util
 import pathlib
+
+from ckt_jax import config_files
 
 SIZES = ("cpu", "full")
 
 
 def main_config():
-    path = pathlib.Path(__file__).resolve().parents[1] / "smollm2_cpu.py"
-    spec = importlib.util.spec_from_file_location("smollm2_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    """The main CPU config, `configs/smollm2_cpu.py`."""
+    return config_files.load_module(
+        pathlib.Path(__file__).resolve().parents[1] / "smollm2_cpu.py").get_config()
 
 
 def study_config(name: str, size: str, cpu_grid: str, full_grid: str):

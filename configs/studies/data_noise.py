@@ -12,13 +12,9 @@ that and are reused by the other studies in the same work directory). Full size:
 evaluation prompt.
 """
 
-import importlib.util
-import pathlib
+from ckt_jax import config_files
 
-_spec = importlib.util.spec_from_file_location(
-    "studies_common", pathlib.Path(__file__).with_name("_common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+_common = config_files.sibling(__file__, "_common.py")
 
 
 def get_config(size="cpu"):

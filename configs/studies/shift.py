@@ -11,13 +11,9 @@ prompts per split) on 2 CPU cores: about 50 minutes (estimated from the main job
 Full size: every evaluation prompt and the full robustness grid on teacher and student.
 """
 
-import importlib.util
-import pathlib
+from ckt_jax import config_files
 
-_spec = importlib.util.spec_from_file_location(
-    "studies_common", pathlib.Path(__file__).with_name("_common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+_common = config_files.sibling(__file__, "_common.py")
 
 
 def get_config(size="cpu"):
