@@ -273,7 +273,9 @@ def _apply_rope(x_BxLxHxE, cos_BxLxE, sin_BxLxE):
     return (x32 * cos + _rotate_half(x32) * sin).astype(x_BxLxHxE.dtype)
 
 
-class Attention(nn.Module):
+class _Projected(nn.Module):
+    """Base of the attention and MLP blocks: builds their linear projections."""
+
     config: LlamaConfig
     lora: LoraConfig | None
     dtype: Any
@@ -283,6 +285,10 @@ class Attention(nn.Module):
         lora = self.lora if self.lora is not None and name in self.lora.targets else None
         return Projection(features, lora, self.dtype, self.param_dtype,
                           use_bias=name in self.config.projection_biases, name=name)
+
+
+class Attention(_Projected):
+    """Grouped-query self-attention with rotary positions and an optional KV cache."""
 
     @nn.compact
     def __call__(self, x_BxLxD, allowed_new_BxLxL, allowed_cached_BxLxS, cos_BxLxE,
@@ -335,16 +341,8 @@ class Attention(nn.Module):
         return out_BxLxD, new_kv
 
 
-class MLP(nn.Module):
-    config: LlamaConfig
-    lora: LoraConfig | None
-    dtype: Any
-    param_dtype: Any
-
-    def _projection(self, name, features):
-        lora = self.lora if self.lora is not None and name in self.lora.targets else None
-        return Projection(features, lora, self.dtype, self.param_dtype,
-                          use_bias=name in self.config.projection_biases, name=name)
+class MLP(_Projected):
+    """SwiGLU feed-forward block."""
 
     @nn.compact
     def __call__(self, x_BxLxD):
