@@ -38,3 +38,34 @@ exec_command() {
   echo "+ $(quote_command "$@")" >&2
   exec "$@"
 }
+
+# Set DRY_RUN when --dry-run appears anywhere in the arguments, and put the other arguments in
+# ARGS. Accepting it in any position keeps "CONFIG WORKDIR --dry-run" from launching for real.
+split_dry_run() {
+  ARGS=()
+  local arg
+  for arg in "$@"; do
+    if [ "$arg" = "--dry-run" ]; then
+      DRY_RUN=1
+    else
+      ARGS+=("$arg")
+    fi
+  done
+}
+
+# Exit with a one-line error unless an option got a value. Arguments: the launcher's name, an
+# example value, then the option and what follows it ("$@" at the option).
+require_value() {
+  if [ $# -lt 4 ] || [ -z "$4" ] || [[ "$4" == --* ]]; then
+    echo "$1: option $3 needs a value, for example $3 $2" >&2
+    exit 2
+  fi
+}
+
+# Exit with a one-line error unless $3 is a positive integer; $2 names the option.
+require_positive_int() {
+  if ! [[ "$3" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$1: $2 must be a positive integer, got '$3'" >&2
+    exit 2
+  fi
+}

@@ -2,15 +2,13 @@
 # Set up .venv/ and run the main job on this machine's CPU.
 #   bash launch/local.sh                                   # configs/smollm2_cpu.py -> runs/smollm2_cpu
 #   bash launch/local.sh configs/smoke.py /tmp/smoke [--config.field=value ...]
-#   bash launch/local.sh --dry-run [config] [workdir] ...   # print the commands, run nothing
+#   bash launch/local.sh [config] [workdir] ... --dry-run   # print the commands, run nothing
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source launch/common.sh
-if [ "${1:-}" = "--dry-run" ]; then
-  DRY_RUN=1
-  shift
-fi
+split_dry_run "$@"
+set -- "${ARGS[@]+"${ARGS[@]}"}"
 config="${1:-configs/smollm2_cpu.py}"
 workdir="${2:-runs/$(basename "$config" .py)}"
 shift $(( $# > 2 ? 2 : $# ))

@@ -24,14 +24,22 @@ source "$root/launch/common.sh"
 usage="usage: bash launch/slurm_gpu.sh [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]"
 usage+=" [--partition P] [--account A] [--dry-run] CONFIG WORKDIR [--config.field=value ...]"
 nodes=2 gpus=8 time_limit="04:00:00" partition="" account="" in_job=""
+split_dry_run "$@"
+set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --nodes) nodes="$2"; shift 2 ;;
-    --gpus-per-node) gpus="$2"; shift 2 ;;
-    --time) time_limit="$2"; shift 2 ;;
-    --partition) partition="$2"; shift 2 ;;
-    --account) account="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
+    --nodes) require_value slurm_gpu.sh 2 "$@"; nodes="$2"; shift 2
+      require_positive_int slurm_gpu.sh --nodes "$nodes" ;;
+    --gpus-per-node) require_value slurm_gpu.sh 8 "$@"; gpus="$2"; shift 2
+      require_positive_int slurm_gpu.sh --gpus-per-node "$gpus" ;;
+    --time) require_value slurm_gpu.sh 04:00:00 "$@"; time_limit="$2"; shift 2
+      if ! [[ "$time_limit" =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]]; then
+        echo "slurm_gpu.sh: --time must be a SLURM time such as 04:00:00 or 1-00:00:00," \
+          "got '$time_limit'" >&2
+        exit 2
+      fi ;;
+    --partition) require_value slurm_gpu.sh gpu "$@"; partition="$2"; shift 2 ;;
+    --account) require_value slurm_gpu.sh my-account "$@"; account="$2"; shift 2 ;;
     --in-job) in_job=1; shift ;;
     -h|--help) echo "$usage"; exit 0 ;;
     --config.*) break ;;

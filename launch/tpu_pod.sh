@@ -19,12 +19,13 @@ source "$root/launch/common.sh"
 usage="usage: bash launch/tpu_pod.sh --tpu NAME --zone ZONE [--project PROJECT] [--dry-run]"
 usage+=" CONFIG WORKDIR [--config.field=value ...]"
 tpu="" zone="" project=""
+split_dry_run "$@"
+set -- "${ARGS[@]+"${ARGS[@]}"}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --tpu) tpu="$2"; shift 2 ;;
-    --zone) zone="$2"; shift 2 ;;
-    --project) project="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
+    --tpu) require_value tpu_pod.sh my-v5e-32 "$@"; tpu="$2"; shift 2 ;;
+    --zone) require_value tpu_pod.sh us-west4-a "$@"; zone="$2"; shift 2 ;;
+    --project) require_value tpu_pod.sh my-project "$@"; project="$2"; shift 2 ;;
     -h|--help) echo "$usage"; exit 0 ;;
     --config.*) break ;;
     -*) echo "tpu_pod.sh: unknown option $1; $usage" >&2; exit 2 ;;

@@ -64,3 +64,30 @@ def test_launcher_usage_errors():
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (script, args)
         assert "usage: bash launch/" in result.stderr
+
+
+def test_dry_run_flag_anywhere():
+    # A --dry-run after CONFIG WORKDIR must still only print, never launch.
+    before = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--dry-run", "configs/smoke.py",
+                     "runs/x", "--config.seed=1")
+    after = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "configs/smoke.py", "runs/x",
+                    "--config.seed=1", "--dry-run")
+    assert after == before
+    assert dry_run("slurm_gpu.sh", "configs/smoke.py", "runs/x", "--dry-run")[0].startswith(
+        "sbatch ")
+    assert dry_run("local.sh", "configs/smoke.py", "runs/x", "--dry-run")[0] == (
+        "bash launch/setup.sh")
+
+
+def test_launcher_option_values_checked():
+    cases = ((["--nodes"], "option --nodes needs a value"),
+             (["--nodes", "abc", "c", "w", "--dry-run"], "--nodes must be a positive integer"),
+             (["--gpus-per-node", "0", "c", "w", "--dry-run"],
+              "--gpus-per-node must be a positive integer"),
+             (["--time", "soon", "c", "w", "--dry-run"], "--time must be a SLURM time"))
+    for args, message in cases:
+        result = subprocess.run(["bash", "launch/slurm_gpu.sh", *args], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, args
+        assert message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
