@@ -123,14 +123,15 @@ def run_on_primary(name: str, fn: Callable[[], None]) -> None:
 
 
 class StopSignal:
-    """Record SIGTERM instead of dying, so the training loop can save and stop between steps.
+    """Record SIGTERM or SIGINT (Ctrl-C) so the training loop can save and stop between steps.
 
-    Use as a context manager around the loop; the previous handler comes back on exit. The
+    Use as a context manager around the loop; the previous handlers come back on exit. The
     handler only sets a flag, and `requested()` is a collective call on multi-process runs, so
     every process stops after the same step even when the signal reaches them at different times.
+    A second Ctrl-C raises KeyboardInterrupt at once, without waiting for the step to end.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self._signals = signals
         self._previous: dict[int, object] = {}
         self._received: int | None = None
@@ -150,7 +151,17 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         del frame
+        if signum == signal.SIGINT and self._received is not None:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            logging.warning("Ctrl-C: saving a checkpoint after the current step, then stopping; "
+                            "press Ctrl-C again to stop at once without saving")
         self._received = signum
+
+    @property
+    def signal_name(self) -> str:
+        """Name of the signal this process received; SIGTERM when it came to another process."""
+        return "SIGINT" if self._received == signal.SIGINT else "SIGTERM"
 
     def requested(self) -> bool:
         return agree_any(self._received is not None)

@@ -116,10 +116,9 @@ def main(argv) -> None:
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except TrainingStopped as stopped:
-        # 128 + SIGTERM, the status a process killed by SIGTERM reports.
+        # The log line already reaches stderr, so the message is not printed a second time.
         logging.warning("%s", stopped)
-        print(f"ckt_jax: {stopped}", file=sys.stderr)
-        sys.exit(143)
+        sys.exit(stopped.exit_status)
     except INPUT_ERRORS as err:
         if os.environ.get("CKT_JAX_TRACEBACK"):
             raise

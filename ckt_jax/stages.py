@@ -68,6 +68,23 @@ def validate_config(config) -> None:
         for field in ("steps", "batch_size", "lora_rank"):
             if config[section][field] < 1:
                 raise ValueError(f"config.{section}.{field}={config[section][field]} must be >= 1")
+        if not config[section].learning_rate > 0:
+            raise ValueError(f"config.{section}.learning_rate={config[section].learning_rate} "
+                             "must be > 0, for example 2e-3")
+        if config[section].warmup_steps < 0:
+            raise ValueError(f"config.{section}.warmup_steps={config[section].warmup_steps} "
+                             "must be >= 0")
+    if config.log_every < 1:
+        raise ValueError(f"config.log_every={config.log_every} must be >= 1 (steps between "
+                         "training log lines)")
+    if config.eval.limit < 0:
+        raise ValueError(f"config.eval.limit={config.eval.limit} must be >= 0 (0 evaluates "
+                         "every prompt)")
+    for section, field in (("eval", "kd_limit"), ("eval", "max_new_tokens"),
+                           ("eval", "batch_size"), ("targets", "max_new_tokens"),
+                           ("targets", "batch_size")):
+        if config[section][field] < 1:
+            raise ValueError(f"config.{section}.{field}={config[section][field]} must be >= 1")
     for axis in sharding.AXES:
         size = config.mesh[axis]
         if not isinstance(size, int) or size == 0 or size < -1:

@@ -194,16 +194,21 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingStopped(Exception):
-    """Training stopped on SIGTERM after step `step`, and saved it when it had a directory."""
+    """Training stopped on a signal after step `step`, and saved it when it had a directory.
 
-    def __init__(self, name: str, step: int, directory: str | None):
+    ``exit_status`` is 128 plus the signal number, the status of a process that the signal
+    killed: 143 for SIGTERM, 130 for SIGINT.
+    """
+
+    def __init__(self, name: str, step: int, directory: str | None, signal_name: str = "SIGTERM"):
         if directory is None:
-            message = f"{name}: stopped by SIGTERM after step {step}; no checkpoint directory"
+            message = f"{name}: stopped by {signal_name} after step {step}; no checkpoint directory"
         else:
-            message = (f"{name}: stopped by SIGTERM after step {step}; checkpoint saved in "
+            message = (f"{name}: stopped by {signal_name} after step {step}; checkpoint saved in "
                        f"{directory}; run the same command again to resume")
         super().__init__(message)
         self.step = step
+        self.exit_status = 130 if signal_name == "SIGINT" else 143
 
 
 def train_loop(
@@ -279,10 +284,11 @@ def train_loop(
                          num_steps, metrics["loss"], terms, metrics["grad_norm"],
                          throughput.summary(), throughput.seconds_per_step * (num_steps - step))
         if stop:
+            signal_name = getattr(stop_signal, "signal_name", "SIGTERM")
             if checkpoints is None:
-                raise TrainingStopped(name, step, None)
+                raise TrainingStopped(name, step, None, signal_name)
             checkpoints.wait()
-            raise TrainingStopped(name, step, str(checkpoints.directory))
+            raise TrainingStopped(name, step, str(checkpoints.directory), signal_name)
     return adapter_params, opt_state, history
 
 

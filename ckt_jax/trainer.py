@@ -113,6 +113,8 @@ def _initial_state(name, adapter_params, frozen_params, rng, optimizer, sharding
         if checkpoints is not None:
             # Drop metrics of a run that was killed before its first checkpoint.
             checkpoints.read_metrics(0)
+            logging.info("%s: no checkpoint in %s yet, starting at step 1 of %d", name,
+                         checkpoints.directory, num_steps)
         return adapter_params, opt_state, frozen_params, rng, 0, []
 
     abstract = checkpoint.abstract_like(

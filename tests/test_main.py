@@ -75,6 +75,19 @@ def test_invalid_train_settings(tmp_path):
     assert_one_line_error(result, "config.checkpoint.keep_last=0 must be >= 1")
 
 
+
+@pytest.mark.parametrize("override, message", [
+    ("log_every=0", "config.log_every=0 must be >= 1"),
+    ("eval.limit=-1", "config.eval.limit=-1 must be >= 0"),
+    ("distill.learning_rate=-1", "config.distill.learning_rate=-1.0 must be > 0"),
+    ("targets.batch_size=0", "config.targets.batch_size=0 must be >= 1"),
+])
+def test_out_of_range_values(tmp_path, override, message):
+    # Each is rejected before any model loads, instead of failing inside a stage.
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      f"--config.{override}")
+    assert_one_line_error(result, message)
+
 @pytest.mark.real
 def test_tensor_axis_must_divide_kv_heads(tmp_path, smollm2_gguf_path):
     # Two CPU devices on one tensor axis: SmolLM2's 3 key/value heads do not split in two.

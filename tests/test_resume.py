@@ -116,9 +116,11 @@ def test_kill_and_resume_bitwise(reference, subprocess_env, tmp_path):
     assert not checkpoint.half_written_steps(checkpoint_dir)
 
 
-def test_sigterm_saves_step_in_progress(reference, subprocess_env, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_step_in_progress(reference, subprocess_env, tmp_path, signum, status):
     out, checkpoint_dir = tmp_path / "out", tmp_path / "checkpoints"
-    # No periodic saves: the only checkpoint before the end comes from SIGTERM.
+    # No periodic saves: the only checkpoint before the end comes from the signal.
     process = subprocess.Popen(
         command(out, checkpoint_dir, "--every", "100", "--print-steps", "--sleep-per-step", "0.2"),
         cwd=ROOT, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -127,12 +129,12 @@ def test_sigterm_saves_step_in_progress(reference, subprocess_env, tmp_path):
         if text.startswith("step "):
             steps.append(int(text.split()[1]))
             if steps[-1] == 3:
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signum)
     _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 143, stderr[-4000:]
+    assert process.returncode == status, stderr[-4000:]
     last = steps[-1]
     assert last >= 3
-    assert f"stopped by SIGTERM after step {last}" in stderr
+    assert f"stopped by {signal.Signals(signum).name} after step {last}" in stderr
 
     # The step in progress is saved completely: orbax lists it, and it restores.
     assert not checkpoint.half_written_steps(checkpoint_dir)

@@ -74,7 +74,7 @@ def main(argv=None) -> None:
                                     checkpoint_options=options)
         except train.TrainingStopped as stopped:
             print(stopped, file=sys.stderr, flush=True)
-            sys.exit(143)
+            sys.exit(stopped.exit_status)
         write_results(run_dir, adapters, history)
 
 
