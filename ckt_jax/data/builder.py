@@ -20,7 +20,9 @@ and read back through ``as_data_source()``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import pathlib
 import re
@@ -212,11 +214,15 @@ def build_dataset(data_dir: str | pathlib.Path) -> dict[str, int]:
     """
     builder = _builder(data_dir)
     if not builder.is_prepared():
-        logger.info("building ckt_safety under %s", data_dir)
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(
-                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
+        logger.info("building ckt_safety under %s from the installed asset packages (nothing "
+                    "is downloaded)", data_dir)
+        # TFDS prints "Downloading and preparing dataset" to stdout even though every record
+        # comes from local files, so its stdout is dropped here.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds.download.DownloadConfig(
+                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
     return split_counts(data_dir)
 
 
