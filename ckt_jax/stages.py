@@ -108,6 +108,22 @@ def validate_config(config) -> None:
     checkpoint.CheckpointOptions.from_config(config.checkpoint)
     distributed.validate_config(config.distributed)
     evaluation.validate_config(config)
+    # The LoRA and objective settings are checked here too, so a typo fails at start-up and not
+    # after the stages before training.
+    for section in ("teacher_train", "distill"):
+        try:
+            _lora_config(config[section])
+        except ValueError as err:
+            raise ValueError(str(err).replace("LoraConfig.", f"config.{section}.lora_")) from None
+    try:
+        distill_objective(config)
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("max_target_tokens"):
+            raise ValueError(f"config.data.{message}") from None
+        if re.match(r"\w+=", message):
+            raise ValueError(f"config.distill.{message}") from None
+        raise ValueError(f"config.distill: {message}") from None
 
 
 def resolve_model_spec(spec: str) -> pathlib.Path:

@@ -81,6 +81,8 @@ def test_invalid_train_settings(tmp_path):
     ("eval.limit=-1", "config.eval.limit=-1 must be >= 0"),
     ("distill.learning_rate=-1", "config.distill.learning_rate=-1.0 must be > 0"),
     ("targets.batch_size=0", "config.targets.batch_size=0 must be >= 1"),
+    ("distill.divergence=foo", "config.distill.divergence='foo' is unknown"),
+    ("distill.lora_targets=q,zz", "config.distill.lora_targets has unknown names ['zz']"),
 ])
 def test_out_of_range_values(tmp_path, override, message):
     # Each is rejected before any model loads, instead of failing inside a stage.
