@@ -19,7 +19,7 @@ import time
 
 import jax
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from ckt_jax import config_files, distributed, modes, sharding, stages, studies, workdir
 from ckt_jax.train import TrainingStopped
@@ -148,6 +148,9 @@ def check_config_args(argv: list[str]) -> str | None:
     if not os.path.isfile(path) and ":" in path:
         # config_flags passes the text after the last ':' to get_config (FILE:full).
         path, argument = path.rsplit(":", 1)
+    if os.path.isdir(path):
+        return (f"config path {path!r} is a directory; pass --config with a config file, "
+                "for example configs/smollm2_cpu.py")
     if not os.path.isfile(path):
         return (f"config file {path!r} not found; pass --config with an existing file, "
                 "for example configs/smollm2_cpu.py")
@@ -156,6 +159,9 @@ def check_config_args(argv: list[str]) -> str | None:
         config = module.get_config() if argument is None else module.get_config(argument)
     except Exception as err:  # noqa: BLE001 - any failure in user code is reported the same way.
         return f"config file {path!r} failed to load: {type(err).__name__}: {err}"
+    if not isinstance(config, config_dict.ConfigDict):
+        return (f"get_config() of {path!r} returned a {type(config).__name__}, not an "
+                "ml_collections ConfigDict; build it from configs/smollm2_cpu.py's get_config()")
     for field in overrides:
         node = config
         for depth, part in enumerate(field.split(".")):

@@ -39,6 +39,15 @@ def test_missing_config_file(tmp_path):
     assert_one_line_error(result, "configs/no_such.py", "not found")
 
 
+def test_config_directory_or_dict(tmp_path):
+    result = run_main("--config", "configs", "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, "'configs' is a directory")
+    plain = tmp_path / "plain.py"
+    plain.write_text("def get_config():\n    return {'seed': 0}\n")
+    result = run_main("--config", str(plain), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, "returned a dict, not an ml_collections ConfigDict")
+
+
 def test_unknown_stage(tmp_path):
     result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
                       "--config.stages=data,trian")
