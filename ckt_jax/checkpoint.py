@@ -50,6 +50,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint was written by a run with other frozen weights, data or config."""
 
 
+class CheckpointUnreadableError(ValueError):
+    """No checkpoint of a run's directory could be read back."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointOptions:
     every_steps: int = 0          # Save every this many steps; 0 saves only at the end and on stop.
@@ -188,6 +192,32 @@ class TrainCheckpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps_newest_first(self) -> list[int]:
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def restore_newest_readable(self, abstract_state: dict) -> tuple[dict, dict] | None:
+        """Restore the newest checkpoint that reads back; None when there is no checkpoint.
+
+        A damaged checkpoint (a deleted or overwritten file) is skipped with a warning and the
+        next older one is tried. Raises CheckpointUnreadableError when none reads back, and
+        CheckpointMismatchError when one belongs to another run.
+        """
+        steps = self.steps_newest_first()
+        for step in steps:
+            try:
+                return self.restore(step, abstract_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise many types.
+                summary = str(err).splitlines()[0][:200] if str(err) else ""
+                logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
+                                self.directory / str(step), type(err).__name__, summary)
+        if not steps:
+            return None
+        raise CheckpointUnreadableError(
+            f"no checkpoint in {self.directory} reads back (steps {', '.join(map(str, steps))} "
+            f"are damaged); delete {self.directory} to restart this training stage from step 1")
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
         """Restore `step` onto the shardings of `abstract_state` (a tree of ShapeDtypeStructs).

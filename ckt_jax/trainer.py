@@ -108,8 +108,12 @@ def _initial_state(name, adapter_params, frozen_params, rng, optimizer, sharding
     adapter_params = sharding_lib.put_tree(adapter_params, shardings.adapter)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(adapter_params)
     rng = sharding_lib.put(rng, shardings.replicated)
-    latest = checkpoints.latest_step() if checkpoints is not None else None
-    if latest is None:
+    restored = None
+    if checkpoints is not None:
+        abstract = checkpoint.abstract_like(
+            {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng})
+        restored = checkpoints.restore_newest_readable(abstract)
+    if restored is None:
         if checkpoints is not None:
             # Drop metrics of a run that was killed before its first checkpoint.
             checkpoints.read_metrics(0)
@@ -117,9 +121,7 @@ def _initial_state(name, adapter_params, frozen_params, rng, optimizer, sharding
                          checkpoints.directory, num_steps)
         return adapter_params, opt_state, frozen_params, rng, 0, []
 
-    abstract = checkpoint.abstract_like(
-        {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng})
-    state, meta = checkpoints.restore(latest, abstract)
+    state, meta = restored
     start_step = int(meta["step"])
     batches.skip_to(int(meta["data_position"]))
     history = checkpoints.read_metrics(start_step)

@@ -8,12 +8,15 @@ overwriting the older outputs: nothing a previous run produced is ever deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 from typing import Any
 
 MARKER = "ckt_jax_run.json"
+# Stage outputs up to this size get a SHA-256 in stage.json, checked when the stage is reused.
+DIGEST_MAX_BYTES = 64 << 20
 
 
 class WorkdirError(ValueError):
@@ -55,7 +58,8 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
     if not path.exists():
         return False
     try:
-        stored = json.loads(path.read_text())["config"]
+        content = json.loads(path.read_text())
+        stored = content["config"]
     except (json.JSONDecodeError, KeyError) as err:
         raise WorkdirError(f"{path} is unreadable ({err}); delete {stage_dir} to redo the stage"
                            ) from err
@@ -66,14 +70,39 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
                 f"{stage_dir} contains another run's {stage_dir.name} outputs ({key}="
                 f"{old.get(key)!r}, this config has {new.get(key)!r}); use a new --workdir or "
                 f"delete {stage_dir}")
+    # Stages finished by older versions recorded no digests, so they are not checked.
+    for name, digest in content.get("files", {}).items():
+        output = stage_dir / name
+        if not output.is_file() or _sha256(output) != digest:
+            raise WorkdirError(f"{output} is missing or changed since its stage finished; "
+                               f"delete {stage_dir} to redo the stage")
     return True
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _output_digests(stage_dir: pathlib.Path) -> dict[str, str]:
+    """SHA-256 of the stage's JSON and JSONL outputs up to DIGEST_MAX_BYTES, by file name."""
+    digests = {}
+    for path in sorted(stage_dir.iterdir()):
+        if (path.is_file() and path.suffix in (".json", ".jsonl") and path.name != "stage.json"
+                and path.stat().st_size <= DIGEST_MAX_BYTES):
+            digests[path.name] = _sha256(path)
+    return digests
 
 
 def mark_stage_done(stage_dir: pathlib.Path, record: dict, summary: dict | None = None) -> None:
     """Write `stage.json` last, atomically, so a killed stage never looks finished."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     tmp = stage_dir / "stage.json.tmp"
-    tmp.write_text(json.dumps({"config": record, "summary": summary or {}}, indent=2) + "\n")
+    content = {"config": record, "summary": summary or {}, "files": _output_digests(stage_dir)}
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
     os.replace(tmp, stage_dir / "stage.json")
 
 
@@ -96,5 +125,14 @@ def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict]:
+    rows = []
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise WorkdirError(f"{path} line {number} is not valid JSON ({err}); delete "
+                                   f"{path.parent} to redo the stage that wrote it") from None
+    return rows

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -177,3 +179,37 @@ def test_restore_rejects_other_examples(reference, tiny_setup, tmp_path):
     fingerprint = batching.examples_fingerprint(setup["examples"])
     with pytest.raises(checkpoint.CheckpointMismatchError, match=f"now '{fingerprint}'"):
         tiny_training.run(setup, sharding.make_mesh(), checkpoint_dir=checkpoint_dir)
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path):
+    # Files of the newest checkpoint overwritten with garbage: the older one is restored, and
+    # when every checkpoint is damaged the error names the directory and the fix.
+    state = {"adapter_params": {"w": jnp.arange(4.0)}, "opt_state": {"m": jnp.zeros(2)},
+             "rng": jnp.zeros(2, jnp.uint32)}
+    options = checkpoint.CheckpointOptions(async_save=False, keep_last=3)
+    ckpt = checkpoint.TrainCheckpoints(tmp_path / "ckpt", options, {"run": "a"})
+    try:
+        for step in (1, 2):
+            ckpt.save(step, jax.tree.map(lambda x, s=step: x + s, state), data_position=step)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+
+    def damage(step):
+        for path in (tmp_path / "ckpt" / str(step)).rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"not a checkpoint")
+
+    abstract = checkpoint.abstract_like(state)
+    damage(2)
+    ckpt = checkpoint.TrainCheckpoints(tmp_path / "ckpt", options, {"run": "a"})
+    try:
+        restored, meta = ckpt.restore_newest_readable(abstract)
+        assert meta["step"] == 1
+        np.testing.assert_array_equal(np.asarray(restored["adapter_params"]["w"]),
+                                      np.arange(4.0) + 1)
+        damage(1)
+        with pytest.raises(checkpoint.CheckpointUnreadableError, match="steps 2, 1 are damaged"):
+            ckpt.restore_newest_readable(abstract)
+    finally:
+        ckpt.close()
