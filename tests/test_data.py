@@ -260,9 +260,14 @@ def test_builder_round_trip(tmp_path, splits):
     print(f"fresh build {first:.2f} s, second call {second:.3f} s")
     assert counts == {name: len(records) for name, records in splits.items()}
     assert builder.split_counts(tmp_path) == counts
-    assert second < 2.0
     for name in builder.SPLIT_NAMES:
         assert builder.load_split(tmp_path, name) == splits[name], name
+
+    # A damaged split file stops the data stage with the file's split and the fix.
+    shard = next((tmp_path / "ckt_safety").rglob("*train_harmful.array_record*"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="split train_harmful .* is unreadable.*delete"):
+        builder.build_dataset(tmp_path)
 
 
 def test_load_split_errors(tmp_path):

@@ -223,7 +223,13 @@ def build_dataset(data_dir: str | pathlib.Path) -> dict[str, int]:
                 file_format="array_record",
                 download_config=tfds.download.DownloadConfig(
                     download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
-    return split_counts(data_dir)
+    counts = split_counts(data_dir)
+    # Read every split once, so a damaged or missing file fails here and not in a later stage.
+    for name, count in counts.items():
+        if len(load_split(data_dir, name)) != count:
+            raise ValueError(f"split {name} under {data_dir} has fewer records than its metadata "
+                             f"says; delete {pathlib.Path(data_dir) / 'ckt_safety'} to rebuild it")
+    return counts
 
 
 def split_counts(data_dir: str | pathlib.Path) -> dict[str, int]:
@@ -248,6 +254,13 @@ def load_split(data_dir: str | pathlib.Path, name: str) -> list[dict]:
     """Read one split of the ckt_safety build under ``data_dir`` as dicts of Python strings."""
     if name not in SPLIT_NAMES:
         raise ValueError(f"unknown split {name!r}; expected one of {list(SPLIT_NAMES)}")
-    source = _prepared_builder(data_dir).as_data_source(split=name)
-    return [{field: _to_str(example[field]) for field in FIELDS}
-            for example in (source[index] for index in range(len(source)))]
+    builder = _prepared_builder(data_dir)
+    try:
+        source = builder.as_data_source(split=name)
+        return [{field: _to_str(example[field]) for field in FIELDS}
+                for example in (source[index] for index in range(len(source)))]
+    except Exception as err:  # noqa: BLE001 - array_record and TFDS raise many types.
+        summary = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ValueError(f"split {name} under {data_dir} is unreadable ({type(err).__name__}: "
+                         f"{summary}); delete {pathlib.Path(data_dir) / 'ckt_safety'} to rebuild "
+                         "it") from None
