@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import pathlib
 import struct
 
@@ -77,7 +78,9 @@ def _open_gguf(path: pathlib.Path):
     try:
         return gguf.GGUFReader(path)
     except (ValueError, OSError, struct.error, IndexError) as error:
-        raise ValueError(f"cannot read GGUF file {path}: {error}; {hint}") from error
+        size = os.path.getsize(path)
+        raise ValueError(f"cannot read GGUF file {path} ({size} bytes): it is truncated or "
+                         f"damaged ({error}); {hint}") from error
 
 
 def load_gguf(path) -> tuple[LlamaConfig, dict]:

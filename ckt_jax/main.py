@@ -43,7 +43,10 @@ class _OwnInfoOnly(std_logging.Filter):
 def parse_stages(text: str) -> list[str]:
     names = [s.strip() for s in str(text).split(",") if s.strip()]
     unknown = [s for s in names if s not in stages.STAGES]
-    if unknown or not names:
+    if not names:
+        raise ValueError(f"config.stages={text!r} names no stage; use a comma-separated subset "
+                         f"of {','.join(stages.STAGES)}")
+    if unknown:
         raise ValueError(f"config.stages={text!r} names unknown stage(s) {unknown}; use a "
                          f"comma-separated subset of {','.join(stages.STAGES)}")
     return [s for s in stages.STAGES if s in names]
