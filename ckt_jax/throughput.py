@@ -112,6 +112,9 @@ class Throughput:
         return self.flops / self.steady_seconds / self.num_devices / self.peak
 
     def summary(self) -> str:
+        if not self.steady_steps:
+            # Only the first step so far, whose time is mostly compilation.
+            return f"first step (with compilation) {self._first_seconds:.1f} s"
         per_device = self.tokens_per_second_per_device
         text = (f"{per_device * self.num_devices:.0f} tokens/s ({per_device:.0f} per device), "
                 f"{self.seconds_per_step:.2f} s/step")

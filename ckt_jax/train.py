@@ -280,9 +280,12 @@ def train_loop(
         if primary and (step % log_every == 0 or step == num_steps or step == start_step + 1):
             terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()
                              if k.startswith("loss/"))
-            logging.info("%s step %d/%d loss=%.4f %s grad_norm=%.3f | %s, %.0f s left", name, step,
+            # The time left is estimated from the steps after the first, which compiles.
+            left = (f"{throughput.seconds_per_step * (num_steps - step):.0f} s left"
+                    if throughput.steady_steps else "time left known after step 2")
+            logging.info("%s step %d/%d loss=%.4f %s grad_norm=%.3f | %s, %s", name, step,
                          num_steps, metrics["loss"], terms, metrics["grad_norm"],
-                         throughput.summary(), throughput.seconds_per_step * (num_steps - step))
+                         throughput.summary(), left)
         if stop:
             signal_name = getattr(stop_signal, "signal_name", "SIGTERM")
             if checkpoints is None:

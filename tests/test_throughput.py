@@ -44,6 +44,7 @@ def test_throughput_mfu(monkeypatch):
     meter = Throughput(lambda shape: 1e12 * shape[0], peak_flops_per_device=1e12, num_devices=4)
     meter.update(first=True, tokens=999, batch_shape=(2, 8))
     assert meter.mfu is None
+    assert meter.summary() == "first step (with compilation) 10.0 s"
     meter.update(first=False, tokens=400, batch_shape=(2, 8))
     meter.update(first=False, tokens=400, batch_shape=(2, 8))
     assert meter.seconds_per_step == pytest.approx(2.0)
