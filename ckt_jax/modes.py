@@ -45,7 +45,9 @@ def _recorded_lora_config(stage_dir: pathlib.Path, section: str) -> LoraConfig:
     """Read the LoRA settings that the stage in ``stage_dir`` trained with."""
     path = stage_dir / "stage.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run the stage that writes {stage_dir} first")
+        stage = "teacher" if section == "teacher_train" else "distill"
+        raise FileNotFoundError(f"{path} not found; run the {stage} stage into this work "
+                                "directory first")
     record = json.loads(path.read_text())["config"][section]
     targets = tuple(t.strip() for t in str(record["lora_targets"]).split(",") if t.strip())
     return LoraConfig(rank=record["lora_rank"], alpha=record["lora_alpha"], targets=targets)
