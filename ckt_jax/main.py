@@ -108,12 +108,16 @@ def run(config, workdir_path: str) -> None:
 
 
 def main(argv) -> None:
+    problem = None
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config and --workdir")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, for example --config configs/smollm2_cpu.py")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required, for example --workdir runs/smollm2_cpu")
+        problem = f"unexpected arguments {argv[1:]}; use --config and --workdir"
+    elif _CONFIG.value is None:
+        problem = "--config is required, for example --config configs/smollm2_cpu.py"
+    elif not _WORKDIR.value:
+        problem = "--workdir is required, for example --workdir runs/smollm2_cpu"
+    if problem is not None:
+        print(f"ckt_jax: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     try:

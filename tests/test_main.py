@@ -39,6 +39,11 @@ def test_missing_config_file(tmp_path):
     assert_one_line_error(result, "configs/no_such.py", "not found")
 
 
+def test_missing_workdir_flag():
+    result = run_main("--config", "configs/smoke.py")
+    assert_one_line_error(result, "--workdir is required")
+
+
 def test_config_directory_or_dict(tmp_path):
     result = run_main("--config", "configs", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "'configs' is a directory")
