@@ -489,8 +489,8 @@ class Llama(nn.Module):
         else:
             cache_index = cache["index"]
             S = cache["mask"].shape[1]
-            # Cached slots before `index` that hold real tokens are visible to every new query;
-            # None tells the layers that there are none.
+            # Cached slots before `index` that contain real tokens are visible to every new
+            # query. None means the cache is empty, so the layers skip the cached slots.
             allowed_cached_BxLxS = None if cache_is_empty else jnp.broadcast_to(
                 (cache["mask"] & (jnp.arange(S) < cache_index)[None, :])[:, None, :], (B, L, S))
             # NOTE: dynamic_update_slice clamps its start index, so writing past max_len

@@ -5,9 +5,9 @@ in the main job.
     python -m ckt_jax.main --config configs/studies/kd_weight.py:full --workdir runs/studies_full
 
 CPU size (grid `0.25,1,4`, 24 prompts per evaluation split, no robustness regeneration) on 2 CPU
-cores: 3 cells x 40 steps. Measured 58 min 53 s with the data, targets and teacher reused and the
-cores shared with another job for 40 of those minutes; about 40 minutes on an idle machine with
-them reused, or 53 from an empty work directory (estimates from the stage times). The shared
+cores: 3 cells x 40 steps. It measured 58 min 53 s with the data, targets and teacher reused,
+while another job shared the cores for 40 of those minutes. An idle machine needs about 40
+minutes with them reused, or 53 from an empty work directory (estimates from the stage times). The shared
 stages and reference evaluations are reused by the other studies in the same work directory.
 Full size: grid `0,0.25,0.5,1,2,4`, every evaluation prompt.
 """
