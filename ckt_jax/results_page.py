@@ -4,8 +4,10 @@
         --workdir runs/study_shift [--out docs/results.md] [--notes docs/results_notes.md]
 
 For each work directory it includes the baseline table of `report.json` (when the stages
-mode wrote one) and every study's `results.md` below `studies/`, with the study's PNG plots
-copied to `docs/results/<work directory name>/<study>/` so the page shows them. The page states
+mode wrote one) and every study's `results.md` below `studies/`. The study's `results.md`,
+`results.json` and PNG plots are copied to `docs/results/<work directory name>/<study>/`, so the
+page shows the plots and keeps the study: a study committed there earlier stays on the page when
+a later run's work directory no longer holds it (delete its folder to drop it). The page states
 the hardware and wall times that the runs recorded; it makes no numbers of its own.
 """
 
@@ -36,21 +38,37 @@ def _baseline_section(root: pathlib.Path) -> list[str]:
     return lines
 
 
+def _study_section(name: str, root_name: str, markdown: str, plots: list[pathlib.Path],
+                   page: pathlib.Path) -> list[str]:
+    text = markdown.splitlines()
+    # The study's own title becomes a subsection of this page.
+    lines = [f"### {text[0].lstrip('# ')} in `{root_name}`"] + text[1:]
+    for plot in plots:
+        relative = plot.relative_to(page.parent)
+        lines += ["", f"![{name} {plot.name}]({relative.as_posix()})"]
+    return lines + [""]
+
+
 def _study_sections(root: pathlib.Path, assets: pathlib.Path, page: pathlib.Path) -> list[str]:
+    """Sections of the studies in ``root`` and of those committed earlier under ``assets``."""
     lines = []
+    copies = assets / root.name
+    names = set()
     for results_path in sorted((root / "studies").glob("*/results.json")):
         study_dir = results_path.parent
+        names.add(study_dir.name)
         summary = json.loads(results_path.read_text())
-        target = assets / root.name / study_dir.name
+        target = copies / study_dir.name
         target.mkdir(parents=True, exist_ok=True)
-        markdown = (study_dir / "results.md").read_text().splitlines()
-        # The study's own title becomes a subsection of this page.
-        lines += [f"### {markdown[0].lstrip('# ')} in `{root.name}`"] + markdown[1:]
-        for plot in summary.get("plots", []):
-            shutil.copyfile(study_dir / plot, target / plot)
-            relative = (target / plot).relative_to(page.parent)
-            lines += ["", f"![{study_dir.name} {plot}]({relative.as_posix()})"]
-        lines.append("")
+        for name in ["results.json", "results.md"] + summary.get("plots", []):
+            shutil.copyfile(study_dir / name, target / name)
+        lines += _study_section(study_dir.name, root.name, (target / "results.md").read_text(),
+                                [target / plot for plot in summary.get("plots", [])], page)
+    for markdown in sorted(copies.glob("*/results.md")):
+        if markdown.parent.name not in names:
+            plots = sorted(markdown.parent.glob("*.png"))
+            lines += _study_section(markdown.parent.name, root.name, markdown.read_text(), plots,
+                                    page)
     return lines
 
 

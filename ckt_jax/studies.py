@@ -8,19 +8,28 @@ and an interrupted cell resumes from its distill checkpoint. A cell directory wh
 settings differ from this config stops the run instead of being overwritten. At the end the study
 writes ``results.json``, ``results.md`` and PNG plots into ``<workdir>/studies/<study>/``.
 
+Cells of different studies often train the same student: the budget cell at the config's step
+count, the float32 precision cell, the noise-free data_noise cell, the kd_weight cell at the
+config's weight and the kd_noise baseline are all the main config's student. ``cell.json`` records
+a digest of the cell's whole config (without its name), and a cell whose digest matches a finished
+cell of any study in the work directory takes that cell's results instead of training again; its
+entry names the source in ``same_as``.
+
 | study | grid values | what a cell changes |
 |---|---|---|
 | kd_weight | numbers >= 0 | `distill.kd_weight` |
-| budget | integers >= 1 | `distill.steps` (warm-up scaled to a tenth) |
+| budget | integers >= 1 | `distill.steps`, with the warm-up scaled in proportion (at least 1 step) |
 | precision | float32, bfloat16 | `train.compute_dtype` |
 | data_noise | `label:<share>` or `text:<rate>` | `distill.label_noise`, or all three `distill.text_noise` rates |
 | shift | `default` | nothing: one student, each evaluation shift reported on its own |
+| baselines | sft_lora, kd_lora, kd_noise, ckt | every `distill` objective weight and text-noise rate (`ckt_jax/baselines.py`) |
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import pathlib
 import re
@@ -29,7 +38,7 @@ from typing import Callable
 
 from absl import logging
 
-from ckt_jax import stages, study_report, workdir
+from ckt_jax import baselines, stages, study_report, workdir
 
 DTYPES = ("float32", "bfloat16")
 
@@ -58,7 +67,7 @@ def _cell_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
-def _kd_weight_cells(values: list[str]) -> list[Cell]:
+def _kd_weight_cells(values: list[str], config) -> list[Cell]:
     cells = []
     for v in values:
         weight = _number(v, "kd_weight", 0.0)
@@ -66,16 +75,20 @@ def _kd_weight_cells(values: list[str]) -> list[Cell]:
     return cells
 
 
-def _budget_cells(values: list[str]) -> list[Cell]:
+def _budget_cells(values: list[str], config) -> list[Cell]:
+    # The warm-up keeps the config's share of the steps, so the cell at the config's own step
+    # count is the config's student.
+    share = config.distill.warmup_steps / config.distill.steps
     cells = []
     for v in values:
         steps = int(_number(v, "budget", 1, integer=True))
+        warmup = max(1, round(steps * share))
         cells.append(Cell(str(steps), steps, {"distill.steps": steps,
-                                              "distill.warmup_steps": max(1, steps // 10)}))
+                                              "distill.warmup_steps": warmup}))
     return cells
 
 
-def _precision_cells(values: list[str]) -> list[Cell]:
+def _precision_cells(values: list[str], config) -> list[Cell]:
     for v in values:
         if v not in DTYPES:
             raise ValueError(f"config.study.grid value {v!r} of study 'precision' is not a "
@@ -83,7 +96,7 @@ def _precision_cells(values: list[str]) -> list[Cell]:
     return [Cell(v, v, {"train.compute_dtype": v}) for v in values]
 
 
-def _data_noise_cells(values: list[str]) -> list[Cell]:
+def _data_noise_cells(values: list[str], config) -> list[Cell]:
     cells = []
     for v in values:
         kind, _, number = v.partition(":")
@@ -103,11 +116,19 @@ def _data_noise_cells(values: list[str]) -> list[Cell]:
     return cells
 
 
-def _shift_cells(values: list[str]) -> list[Cell]:
+def _shift_cells(values: list[str], config) -> list[Cell]:
     if values != ["default"]:
         raise ValueError(f"config.study.grid={','.join(values)!r} of study 'shift' is invalid; "
                          "use 'default' (one student; the shifts are the evaluation splits)")
     return [Cell("default", "default", {})]
+
+
+def _baseline_cells(values: list[str], config) -> list[Cell]:
+    for v in values:
+        if v not in baselines.NAMES:
+            raise ValueError(f"config.study.grid value {v!r} of study 'baselines' is not a "
+                             f"baseline; use a subset of {','.join(baselines.NAMES)}")
+    return [Cell(v, v, baselines.overrides(v)) for v in values]
 
 
 STUDIES: dict[str, Callable[[list[str]], list[Cell]]] = {
@@ -116,9 +137,11 @@ STUDIES: dict[str, Callable[[list[str]], list[Cell]]] = {
     "precision": _precision_cells,
     "data_noise": _data_noise_cells,
     "shift": _shift_cells,
+    "baselines": _baseline_cells,
 }
 EXAMPLES = {"kd_weight": "0.25,1,4", "budget": "10,20,40", "precision": "float32,bfloat16",
-            "data_noise": "label:0,label:0.2,text:0.1", "shift": "default"}
+            "data_noise": "label:0,label:0.2,text:0.1", "shift": "default",
+            "baselines": ",".join(baselines.NAMES)}
 
 
 def study_cells(config) -> list[Cell]:
@@ -131,7 +154,7 @@ def study_cells(config) -> list[Cell]:
     if not values:
         raise ValueError(f"config.study.grid={config.study.grid!r} is empty; use comma-separated "
                          f"values such as {EXAMPLES[name]}")
-    cells = STUDIES[name](values)
+    cells = STUDIES[name](values, config)
     names = [cell.name for cell in cells]
     if len(set(names)) != len(names):
         raise ValueError(f"config.study.grid={config.study.grid!r} repeats a value; list each "
@@ -159,6 +182,24 @@ def cell_config(config, cell: Cell):
 def _cell_record(config, cell: Cell) -> dict:
     return {"study": config.study.name, "student_name": f"{config.study.name}-{cell.name}",
             "overrides": cell.overrides}
+
+
+def config_digest(cell_cfg) -> str:
+    """SHA-256 of a cell's config without its names, equal for cells that train the same student."""
+    fields = cell_cfg.to_dict()
+    for name in ("student_name", "study"):
+        fields.pop(name, None)
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _same_cell(root: pathlib.Path, digest: str) -> tuple[pathlib.Path, dict] | None:
+    """A finished cell of any study under ``root`` whose config digest is ``digest``."""
+    for path in sorted((root / "studies").glob("*/*/cell.json")):
+        stored = json.loads(path.read_text())
+        if stored.get("config_digest") == digest and "same_as" not in stored:
+            return path.parent, stored
+    return None
 
 
 def _check_cell_dir(cell_dir: pathlib.Path, record: dict) -> dict | None:
@@ -213,15 +254,29 @@ def run_study(ctx: stages.Context) -> dict:
                          cell.name)
             results.append(stored)
             continue
+        cell_cfg = cell_config(config, cell)
+        digest = config_digest(cell_cfg)
+        same = _same_cell(ctx.root, digest)
+        if same is not None:
+            source_dir, source = same
+            same_as = source_dir.relative_to(ctx.root / "studies").as_posix()
+            logging.info("study %s: cell %s trains the same student as %s; its results are "
+                         "reused", config.study.name, cell.name, same_as)
+            entry = {**source, "record": record, "cell": cell.name, "value": cell.value,
+                     "same_as": same_as}
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            workdir.write_json(cell_dir / "cell.json", entry)
+            results.append(entry)
+            continue
         logging.info("study %s: cell %d/%d (%s)", config.study.name, index + 1, len(cells),
                      cell.name)
-        cell_ctx = _cell_context(ctx, cell_config(config, cell))
+        cell_ctx = _cell_context(ctx, cell_cfg)
         distill_started = time.perf_counter()
         stages.run_distill(cell_ctx)
         eval_started = time.perf_counter()
         stages.run_eval(cell_ctx, models=(cell_ctx.student_name,))
         finished = time.perf_counter()
-        entry = {"record": record, "cell": cell.name, "value": cell.value,
+        entry = {"record": record, "config_digest": digest, "cell": cell.name, "value": cell.value,
                  "wall_seconds": {"distill": round(eval_started - distill_started, 1),
                                   "eval": round(finished - eval_started, 1)},
                  **study_report.cell_summary(cell_ctx)}

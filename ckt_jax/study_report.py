@@ -91,7 +91,10 @@ def main_table(results: list[dict], references: dict[str, dict], study: str) -> 
         lines.append("| " + " | ".join([name] + _metric_cells(model, columns)
                                        + ["-"] * len(extra)) + " |")
     for result in results:
-        row = [str(result["value"])] + _metric_cells(result["metrics"], columns)
+        label = str(result["value"])
+        if "same_as" in result:
+            label += f" (trained as {result['same_as']})"
+        row = [label] + _metric_cells(result["metrics"], columns)
         row += [_format(result.get("train_seconds")), _format(result["wall_seconds"]["distill"]),
                 _format(result["wall_seconds"]["eval"])]
         if study == "precision":
@@ -226,7 +229,20 @@ def write_plots(study_dir: pathlib.Path, summary: dict) -> list[str]:
         axes.set_ylabel("overall safety score")
         save(figure, "score_vs_time.png")
 
-    if study in ("precision", "budget", "kd_weight", "data_noise"):
+    if study == "baselines":
+        models = {**summary["references"], **{str(c["value"]): c["metrics"] for c in cells}}
+        figure, axes = plt.subplots(figsize=(6, 4))
+        y = [m["overall_safety_score"] for m in models.values()]
+        ci = [m.get("overall_safety_score_ci95", [v, v]) for m, v in zip(models.values(), y)]
+        errors = np.abs(np.array([[v - lo, hi - v] for v, (lo, hi) in zip(y, ci)]).T)
+        axes.bar(range(len(models)), y, yerr=errors, capsize=3)
+        axes.set_xticks(range(len(models)), list(models))
+        axes.set_ylabel("overall safety score (95% interval)")
+        axes.set_ylim(0, 1.05)
+        axes.set_title("baselines under the same data and budget")
+        save(figure, "baselines.png")
+
+    if study in ("precision", "budget", "kd_weight", "data_noise", "baselines"):
         figure, axes = plt.subplots(figsize=(6, 4))
         for c in cells:
             axes.plot(range(1, len(c["loss_curve"]) + 1), c["loss_curve"], label=str(c["value"]))
@@ -276,7 +292,7 @@ def write_plots(study_dir: pathlib.Path, summary: dict) -> list[str]:
 
 GRID_LABELS = {"kd_weight": "distill.kd_weight", "budget": "distill.steps",
                "precision": "train.compute_dtype", "data_noise": "noise cell",
-               "shift": "student"}
+               "shift": "student", "baselines": "student objective"}
 
 
 def write_study_outputs(ctx, study_dir: pathlib.Path, cells, results: list[dict],

@@ -51,3 +51,25 @@ def test_page_rejects_empty_workdir(tmp_path, capsys):
     assert stopped.value.code == 2
     assert "neither report.json nor studies/*/results.json" in capsys.readouterr().err
     assert not (tmp_path / "page.md").exists()
+
+
+def test_page_keeps_study_committed_earlier(tmp_path):
+    page = tmp_path / "docs" / "results.md"
+    first = tmp_path / "old" / "studies"
+    first.mkdir(parents=True)
+    make_study(first, "kd_weight")
+    results_page.main(["--workdir", str(first), "--out", str(page)])
+    copies = tmp_path / "docs" / "results" / "studies"
+    assert (copies / "kd_weight" / "results.md").exists()
+    assert json.loads((copies / "kd_weight" / "results.json").read_text())["study"] == "kd_weight"
+
+    # A later work directory of the same name holds another study only: both stay on the page.
+    second = tmp_path / "new" / "studies"
+    second.mkdir(parents=True)
+    make_study(second, "budget")
+    results_page.main(["--workdir", str(second), "--out", str(page)])
+    text = page.read_text()
+    assert "### Study `budget` (cpu size) in `studies`" in text
+    assert "### Study `kd_weight` (cpu size) in `studies`" in text
+    assert "![kd_weight score.png](results/studies/kd_weight/score.png)" in text
+    assert text.count("### Study `kd_weight`") == 1

@@ -20,11 +20,11 @@ from ckt_jax.model import Llama, LlamaConfig
 pytestmark = pytest.mark.real  # The tokenizer and data come from the asset packages.
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STUDIES = ("kd_weight", "budget", "precision", "data_noise", "shift")
+STUDIES = ("kd_weight", "budget", "precision", "data_noise", "shift", "baselines")
 # Small grids keep the suite short: two cells where skipping and ordering matter, one elsewhere.
 # The float32 and label-noise cells run the same code paths as the main job and kd_weight.
 TINY_GRIDS = {"kd_weight": "0.5,2", "budget": "3", "precision": "bfloat16",
-              "data_noise": "text:0.1", "shift": "default"}
+              "data_noise": "text:0.1", "shift": "default", "baselines": "kd_lora"}
 
 
 def load_study_config(name: str, size: str = "cpu"):
@@ -173,6 +173,7 @@ def test_bad_study_name_is_one_line(tmp_path):
     ("data_noise", "label:1.5", ["share >= 1"]),
     ("precision", "float16", ["float32,bfloat16"]),
     ("shift", "a,b", ["'default'"]),
+    ("baselines", "kd_lora,dpo", ["'dpo'", "sft_lora,kd_lora,kd_noise,ckt"]),
 ])
 def test_bad_grid_rejected_before_work(name, grid, fragments, tmp_path):
     config = load_study_config(name)
@@ -196,6 +197,67 @@ def test_cell_from_other_config_rejected(tmp_path):
     with pytest.raises(workdir.WorkdirError, match="use a new --workdir or delete"):
         studies._check_cell_dir(cell_dir, studies._cell_record(config, cell))
     assert json.loads((cell_dir / "cell.json").read_text()) == other
+
+
+def test_cells_that_train_the_main_student_share_a_digest():
+    """The config's own student appears in five studies; its cells must be recognised as one."""
+    def digest(name, value):
+        config = load_study_config(name)
+        config.study.grid = value
+        return studies.config_digest(studies.cell_config(config, studies.study_cells(config)[0]))
+
+    main_student = {digest("budget", "40"), digest("precision", "float32"),
+                    digest("data_noise", "label:0"), digest("kd_weight", "1"),
+                    digest("baselines", "kd_noise")}
+    assert len(main_student) == 1
+    others = {digest("budget", "20"), digest("precision", "bfloat16"),
+              digest("data_noise", "text:0.1"), digest("kd_weight", "4"),
+              digest("baselines", "kd_lora"), digest("baselines", "ckt")}
+    assert len(others) == 6
+    assert not others & main_student
+
+
+def test_budget_warmup_keeps_the_config_share():
+    config = load_study_config("budget")
+    config.distill.steps, config.distill.warmup_steps = 40, 4
+    config.study.grid = "5,20,40,100"
+    warmups = [c.overrides["distill.warmup_steps"] for c in studies.study_cells(config)]
+    assert warmups == [1, 2, 4, 10]
+
+
+def test_baseline_configs_match_the_study_cells():
+    """configs/baselines/<name>.py and the baselines study train the same student."""
+    study = load_study_config("baselines")
+    for cell in studies.study_cells(study):
+        stages_config = config_files.load_module(
+            ROOT / "configs" / "baselines" / f"{cell.value}.py").get_config()
+        assert stages_config.student_name == cell.value
+        for dotted, value in cell.overrides.items():
+            section, *rest = dotted.split(".")
+            node = stages_config[section]
+            for part in rest:
+                node = node[part]
+            assert node == value, dotted
+
+
+@pytest.mark.slow
+def test_identical_cell_is_reused_across_studies(tiny_model_dir, tmp_path):
+    work = tmp_path / "work"
+    budget = shrink(load_study_config("budget"), tiny_model_dir, "2")
+    main.run(budget, str(work))
+    trained = json.loads((work / "studies" / "budget" / "2" / "cell.json").read_text())
+    # shrink() leaves the student at 2 steps with 1 warm-up step, so kd_noise is budget's cell.
+    config = shrink(load_study_config("baselines"), tiny_model_dir, "kd_noise")
+    main.run(config, str(work))
+    reused = json.loads((work / "studies" / "baselines" / "kd_noise" / "cell.json").read_text())
+    assert reused["same_as"] == "budget/2"
+    assert reused["metrics"] == trained["metrics"]
+    assert reused["loss_curve"] == trained["loss_curve"]
+    assert not (work / "students" / "baselines-kd_noise").exists()
+    markdown = (work / "studies" / "baselines" / "results.md").read_text()
+    assert "kd_noise (trained as budget/2)" in markdown
+    assert "baselines.png" in json.loads(
+        (work / "studies" / "baselines" / "results.json").read_text())["plots"]
 
 
 def test_study_sizes_differ():

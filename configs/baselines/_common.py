@@ -7,6 +7,10 @@ side (the data, targets and teacher are built once and reused):
   for b in sft_lora kd_lora kd_noise ckt; do
     python -m ckt_jax.main --config configs/baselines/$b.py --workdir runs/baselines
   done
+
+The objectives are defined in `ckt_jax/baselines.py`. The `baselines` study
+(`configs/studies/baselines.py`) trains the same four students as cells of a study, which shares
+its data, teacher and reference evaluations with the other studies.
 """
 
 import pathlib
@@ -19,10 +23,3 @@ def main_config():
     return config_files.load_module(
         pathlib.Path(__file__).resolve().parents[1] / "smollm2_cpu.py").get_config()
 
-
-def objective_off(config):
-    """Set every objective weight of the student to 0, so a baseline names only its own terms."""
-    for name in ("kd_weight", "contrastive_weight", "relation_weight", "consistency_weight",
-                 "adversarial_weight", "base_kl_weight", "ce_weight", "l2_weight"):
-        config.distill[name] = 0.0
-    return config
