@@ -250,7 +250,7 @@ def test_no_many_shot_material(splits):
 
 
 @pytest.mark.real
-def test_builder_round_trip(tmp_path, splits):
+def test_builder_round_trip(tmp_path, splits, monkeypatch):
     start = time.perf_counter()
     counts = builder.build_dataset(tmp_path)
     first = time.perf_counter() - start
@@ -262,6 +262,18 @@ def test_builder_round_trip(tmp_path, splits):
     assert builder.split_counts(tmp_path) == counts
     for name in builder.SPLIT_NAMES:
         assert builder.load_split(tmp_path, name) == splits[name], name
+
+    # A split whose record count differs from the metadata, either way, names both counts.
+    real_counts = builder.split_counts
+    for change in (5, -5):
+        monkeypatch.setattr(builder, "split_counts", lambda data_dir, change=change: {
+            name: count + change * (name == "train_benign")
+            for name, count in real_counts(data_dir).items()})
+        with pytest.raises(ValueError, match=f"split train_benign .* has {counts['train_benign']} "
+                           f"records where its metadata lists {counts['train_benign'] + change};"
+                           " delete"):
+            builder.build_dataset(tmp_path)
+    monkeypatch.setattr(builder, "split_counts", real_counts)
 
     # A damaged split file stops the data stage with the file's split and the fix.
     shard = next((tmp_path / "ckt_safety").rglob("*train_harmful.array_record*"))

@@ -226,9 +226,11 @@ def build_dataset(data_dir: str | pathlib.Path) -> dict[str, int]:
     counts = split_counts(data_dir)
     # Read every split once, so a damaged or missing file fails here and not in a later stage.
     for name, count in counts.items():
-        if len(load_split(data_dir, name)) != count:
-            raise ValueError(f"split {name} under {data_dir} has fewer records than its metadata "
-                             f"says; delete {pathlib.Path(data_dir) / 'ckt_safety'} to rebuild it")
+        found = len(load_split(data_dir, name))
+        if found != count:
+            raise ValueError(f"split {name} under {data_dir} has {found} records where its "
+                             f"metadata lists {count}; delete "
+                             f"{pathlib.Path(data_dir) / 'ckt_safety'} to rebuild it")
     return counts
 
 
