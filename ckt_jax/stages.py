@@ -46,8 +46,28 @@ CHECKPOINT_DIR = "checkpoints"
 REMAT_CHOICES = ("none",) + tuple(REMAT_POLICIES)
 
 
+SECTIONS = ("chat", "checkpoint", "data", "distill", "distributed", "eval", "export", "judge",
+            "mesh", "metrics", "robustness", "targets", "teacher_train", "train")
+
+
 def validate_config(config) -> None:
     """Reject config values that would only fail deep inside a stage."""
+    missing = [section for section in SECTIONS if section not in config]
+    if missing:
+        raise ValueError(f"the config has no section {', '.join(f'config.{s}' for s in missing)};"
+                         " start from configs/smollm2_cpu.py, which sets every section, and "
+                         "change fields instead of deleting sections")
+    try:
+        _validate_values(config)
+    except (AttributeError, KeyError) as err:
+        # ml_collections quotes the name, escaped once or twice, then may add a suggestion.
+        words = re.sub(r"[\\'\"]", " ", str(err)).split()
+        field = words[0] if words else type(err).__name__
+        raise ValueError(f"the config has no field {field!r} that ckt_jax needs; start from "
+                         "configs/smollm2_cpu.py, which sets every field") from None
+
+
+def _validate_values(config) -> None:
     name = str(config.student_name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("base", "teacher"):
         raise ValueError(f"config.student_name={name!r} is invalid; use letters, digits, '_', "

@@ -104,6 +104,22 @@ def test_out_of_range_values(tmp_path, override, message):
                       f"--config.{override}")
     assert_one_line_error(result, message)
 
+
+@pytest.mark.parametrize("removal, message", [
+    ('del c["eval"]', "the config has no section config.eval; start from configs/smollm2_cpu.py"),
+    ('del c.eval["limit"]', "the config has no field 'limit' that ckt_jax needs"),
+])
+def test_config_missing_a_section_or_field(tmp_path, removal, message):
+    config = tmp_path / "partial.py"
+    config.write_text(
+        "from ckt_jax import config_files\n\n"
+        f"_smoke = config_files.load_module({str(ROOT / 'configs' / 'smoke.py')!r})\n\n\n"
+        f"def get_config():\n    c = _smoke.get_config()\n    {removal}\n    return c\n")
+    result = run_main("--config", str(config), "--workdir", str(tmp_path / "w"))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.real
 def test_tensor_axis_must_divide_kv_heads(tmp_path, smollm2_gguf_path):
     # Two CPU devices on one tensor axis: SmolLM2's 3 key/value heads do not split in two.
