@@ -32,10 +32,18 @@ def prepare_workdir(path: str | os.PathLike) -> pathlib.Path:
         raise WorkdirError(
             f"--workdir {root} is not empty and was not created by ckt_jax; "
             "pass a new or empty directory")
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / MARKER
-    if not marker.exists():
-        marker.write_text(json.dumps({"created_by": "ckt_jax"}) + "\n")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        marker = root / MARKER
+        if not marker.exists():
+            marker.write_text(json.dumps({"created_by": "ckt_jax"}) + "\n")
+        # Every stage writes here; find out now rather than after an hour of training.
+        probe = root / f".write-check-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(f"--workdir {root} cannot be written ({err.strerror or err}); pass a "
+                           "directory you can write to") from None
     return root
 
 

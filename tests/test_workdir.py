@@ -1,6 +1,7 @@
 """Work-directory guards: stage records, output digests and readable errors for damaged files."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -56,3 +57,24 @@ def test_broken_jsonl_line_names_file(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(workdir.WorkdirError, match="rows.jsonl line 2 is not valid JSON"):
         workdir.read_jsonl(path)
+
+
+def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
+    # /sys refuses new directories even to root, so this fails the same way for every user.
+    with pytest.raises(workdir.WorkdirError, match="--workdir /sys/ckt_jax_w cannot be written "
+                       r"\(Operation not permitted\); pass a directory you can write to"):
+        workdir.prepare_workdir("/sys/ckt_jax_w")
+
+    # A directory that exists but refuses new files fails before any stage runs.
+    root = tmp_path / "work"
+    workdir.prepare_workdir(root)
+    real_write_text = pathlib.Path.write_text
+
+    def refuse_probe(path, *args, **kwargs):
+        if path.name.startswith(".write-check"):
+            raise PermissionError(13, "Permission denied")
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", refuse_probe)
+    with pytest.raises(workdir.WorkdirError, match="cannot be written \\(Permission denied\\)"):
+        workdir.prepare_workdir(root)
