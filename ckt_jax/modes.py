@@ -39,6 +39,7 @@ class TrainedModel:
     params: Any                      # merged parameters (no LoRA leaves)
     adapters: dict | None = None     # LoRA adapter tree, None for base or an external teacher
     lora_config: LoraConfig | None = None
+    source: str = ""                 # where it was read from, for logs
 
 
 def _recorded_lora_config(stage_dir: pathlib.Path, section: str) -> LoraConfig:
@@ -53,12 +54,13 @@ def _recorded_lora_config(stage_dir: pathlib.Path, section: str) -> LoraConfig:
     return LoraConfig(rank=record["lora_rank"], alpha=record["lora_alpha"], targets=targets)
 
 
-def _with_adapters(ctx: stages.Context, name: str, adapters: dict,
-                   lora_config: LoraConfig) -> TrainedModel:
+def _with_adapters(ctx: stages.Context, name: str, adapters: dict, lora_config: LoraConfig,
+                   adapter_path: pathlib.Path) -> TrainedModel:
     model_config, base_params = ctx.base
     adapters = to_device_tree(adapters)
     merged = lora.merge_lora(lora.combine_params(adapters, base_params), lora_config.scale)
-    return TrainedModel(name, model_config, merged, adapters, lora_config)
+    return TrainedModel(name, model_config, merged, adapters, lora_config,
+                        source=f"adapters {adapter_path} on {ctx.model_path}")
 
 
 def load_trained_model(ctx: stages.Context, name: str) -> TrainedModel:
@@ -67,27 +69,28 @@ def load_trained_model(ctx: stages.Context, name: str) -> TrainedModel:
         raise ValueError(f"model name {name!r} is invalid; use one of {', '.join(MODEL_NAMES)}")
     if name == "base":
         model_config, params = ctx.base
-        return TrainedModel(name, model_config, params)
+        return TrainedModel(name, model_config, params, source=str(ctx.model_path))
 
     if name == "student":
         student_dir = ctx.student_dir
         lora_config = _recorded_lora_config(student_dir, "distill")
         return _with_adapters(ctx, name, stages.load_adapters(student_dir / "adapters"),
-                              lora_config)
+                              lora_config, student_dir / "adapters")
 
     spec = ctx.config.teacher
     teacher_dir = pathlib.Path(spec).expanduser() if spec else ctx.stage_dir("teacher")
     if (teacher_dir / stages.TEACHER_DIR_FILE).exists():
         lora_config = _recorded_lora_config(teacher_dir, "teacher_train")
         adapters = stages.load_adapters(teacher_dir / stages.TEACHER_DIR_FILE)
-        return _with_adapters(ctx, name, adapters, lora_config)
+        return _with_adapters(ctx, name, adapters, lora_config,
+                              teacher_dir / stages.TEACHER_DIR_FILE)
     if not spec:
         raise FileNotFoundError(f"no teacher in {teacher_dir}; run the 'teacher' stage first")
     if is_peft_adapter_dir(teacher_dir):
         lora_config, adapters = load_peft_adapter(teacher_dir, ctx.base[0])
-        return _with_adapters(ctx, name, adapters, lora_config)
+        return _with_adapters(ctx, name, adapters, lora_config, teacher_dir)
     model_config, params = load_model(stages.resolve_model_spec(spec))
-    return TrainedModel(name, model_config, to_device_tree(params))
+    return TrainedModel(name, model_config, to_device_tree(params), source=str(teacher_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def run_chat(ctx: stages.Context) -> None:
                           system=cfg.system, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p,
                           rng=jax.random.fold_in(jax.random.PRNGKey(ctx.config.seed), 303))
-    logging.info("chat with %s (%s)", cfg.model, ctx.model_path)
+    logging.info("chat with %s (%s)", cfg.model, trained.source)
 
     if prompts is not None:
         for prompt in prompts:

@@ -47,9 +47,11 @@ def objective_flops(objective: ObjectiveConfig, student: LlamaConfig, lora: Lora
     """Estimate the model FLOPs of one train step of `objective` on `batch_size x length` tokens."""
     scored = objective.max_target_tokens
     student_pass = forward_flops(student, batch_size, length, scored, lora)
-    passes_with_gradient = 1
+    passes_with_gradient = 1.0
     if objective.consistency_weight > 0:
-        passes_with_gradient += 1
+        # The noisy pass runs on every `consistency_row_stride`-th row only.
+        noisy_rows = -(-batch_size // objective.consistency_row_stride)
+        passes_with_gradient += noisy_rows / batch_size
     if objective.adversarial_weight > 0:
         steps = objective.adversarial_steps
         # SMART: `steps` ascent passes and one outer pass; FreeLB: an outer pass per ascent pass.

@@ -138,6 +138,15 @@ def test_chat_prompts_file_matches_greedy(tiny_workdir, smollm2_tokenizer, tmp_p
     assert output == expected
 
 
+def test_trained_model_names_its_source(tiny_workdir):
+    config, work, _ = tiny_workdir
+    ctx = stages.Context(config=config, root=work)
+    student = modes.load_trained_model(ctx, "student")
+    assert student.source == (f"adapters {work / 'students' / config.student_name / 'adapters'} "
+                              f"on {ctx.model_path}")
+    assert modes.load_trained_model(ctx, "base").source == str(ctx.model_path)
+
+
 def test_chat_interactive_keeps_context(tiny_workdir, monkeypatch, capsys):
     config, work, _ = tiny_workdir
     config = config.copy_and_resolve_references()

@@ -33,6 +33,11 @@ def test_objective_flops_counts_passes():
     kd_noise = ObjectiveConfig(kd_weight=1.0, consistency_weight=0.5)
     assert objective_flops(kd_noise, CONFIG, lora, CONFIG, 2, 6) == (4 * one_pass
                                                                     + teacher_pass)
+    # A noisy pass on every 4th row of 8 (rows 0 and 4) costs a quarter of a full pass.
+    strided = ObjectiveConfig(kd_weight=1.0, consistency_weight=0.5, consistency_row_stride=4)
+    one_pass_8 = forward_flops(CONFIG, 8, 6, 96, lora)
+    assert objective_flops(strided, CONFIG, lora, CONFIG, 8, 6) == pytest.approx(
+        2 * 1.25 * one_pass_8 + forward_flops(CONFIG, 8, 6, 96))
     smart = ObjectiveConfig(ce_weight=1.0, adversarial_weight=1.0, adversarial_steps=2)
     assert objective_flops(smart, CONFIG, lora, None, 2, 6) == 2 * 4 * one_pass
 
