@@ -54,7 +54,7 @@ import time
 
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(BENCH_DIR)]
 
 import common  # noqa: E402
 
@@ -137,8 +137,9 @@ def require_torch() -> None:
     missing = [name for name in ("torch", "peft", "accelerate")
                if importlib.util.find_spec(name) is None]
     if missing:
-        sys.exit(f"train_step.py: {', '.join(missing)} not installed in {sys.prefix}; install "
-                 "the test extras with `bash launch/setup.sh test`")
+        print(f"train_step.py: {', '.join(missing)} not installed in {sys.prefix}; install the "
+              "test extras with `bash launch/setup.sh test`", file=sys.stderr)
+        sys.exit(2)
 
 
 # ---- workers ----------------------------------------------------------------------------------
