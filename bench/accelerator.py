@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps before the timed ones; the first compiles")
+
     parser.add_argument("--objective", choices=tuple(common.OBJECTIVES), default="ckt")
     parser.add_argument("--compute-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--param-dtype", choices=("bfloat16", "float32"), default="bfloat16",
@@ -87,16 +88,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"),
                         default="dots_no_batch",
                         help="layer rematerialization; out of memory retries with full")
+
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
                         help="peak TFLOP/s of the device, the denominator of MFU")
     parser.add_argument("--time-budget", type=float, default=390.0,
                         help="seconds after which no further batch size starts")
     parser.add_argument("--json", type=pathlib.Path, default=None,
                         help="output file (default $OUT/accelerator.json or ./accelerator.json)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run the full-size model even when JAX finds only CPU devices")
     args = parser.parse_args(argv)
-    args.batch_sizes = args.batch_sizes or ([2, 4] if args.tiny else [8, 16, 32])
-    args.seq_len = args.seq_len or (32 if args.tiny else 1024)
-    args.steps = args.steps or (2 if args.tiny else 5)
+
+    if args.batch_sizes is None:
+        args.batch_sizes = [2, 4] if args.tiny else [8, 16, 32]
+    if args.seq_len is None:
+        args.seq_len = 32 if args.tiny else 1024
+    if args.steps is None:
+        args.steps = 2 if args.tiny else 5
     for option in ("seq_len", "steps", "warmup"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "
@@ -135,7 +143,7 @@ class Bench:
         start = time.perf_counter()
         dummy = jnp.zeros((1, 8), jnp.int32)
         frozen_model = Llama(self.config, param_dtype=self.precision.param_dtype)
-        # Initialised on the device, so the host never holds the weights.
+        # Initialised on the device, so the weights never pass through host memory.
         init = jax.jit(lambda key: frozen_model.init(key, dummy)["params"])
         self.frozen = {"backbone": init(jax.random.PRNGKey(0))}
         if self.objective.needs_teacher:
@@ -149,7 +157,7 @@ class Bench:
         self.adapter_parameters = lora.count_params(self.adapters)
 
     def train_step(self, remat: str):
-        """The jitted train step for one rematerialization policy (compiled per batch shape)."""
+        """Build (once) the jitted train step for one rematerialization policy."""
         if remat not in self.steps:
             from ckt_jax import lora, train
             from ckt_jax.model import Llama
@@ -209,6 +217,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     device = jax.devices()[0]
+    if device.platform == "cpu" and not (args.tiny or args.allow_cpu):
+        # Two 1.2B-parameter models and their activations need tens of GiB of host memory.
+        print("accelerator.py: JAX found no accelerator, only CPU devices; pass --tiny for a CPU "
+              "smoke run, or --allow-cpu to run the 1B model on the CPU anyway", file=sys.stderr)
+        return 2
     report = {"device": {"platform": device.platform, "kind": device.device_kind,
                          "count": jax.device_count(), "jax": jax.__version__},
               "settings": {key: str(value) if isinstance(value, pathlib.Path) else value
@@ -251,7 +264,8 @@ def main(argv=None) -> int:
                   f"{result['s_per_step']:.3f} s/step, {result['tokens_per_s']:,.0f} tokens/s, "
                   f"{result['tflops']:.1f} TFLOP/s, MFU {100 * result['mfu']:.1f}% of "
                   f"{args.peak_tflops:g} TFLOP/s; first step {result['first_step_seconds']:.1f} "
-                  f"s; device peak memory so far {result['device_peak_memory_gib'] or 0:.1f} GiB", flush=True)
+                  f"s; device peak memory so far "
+                  f"{result['device_peak_memory_gib'] or 0:.1f} GiB", flush=True)
         report["seconds"] = time.perf_counter() - start
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

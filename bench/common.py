@@ -3,8 +3,8 @@
 The PyTorch worker imports this module but never JAX, and the JAX worker never imports torch, so
 neither framework's thread pool or allocator runs inside the other's process.
 
-Workers talk to the parent over a pipe: the parent writes one JSON object per line to the
-worker's stdin, and the worker answers each with one JSON line. Arrays (the batch, the check
+Workers talk to the parent over a pipe. The parent writes one JSON object per line to the
+worker's stdin, and the worker replies to each with one JSON line. Arrays (the batch, the check
 noise) travel as `.npy`/`.npz` files in a temporary directory that the parent owns.
 """
 
@@ -25,10 +25,11 @@ import numpy as np
 LORA_RANK = 8
 LORA_ALPHA = 16.0
 LORA_TARGETS = ("q", "v")
-LEARNING_RATE = 1e-3      # Constant AdamW step size on both sides; gradients clipped to norm 1.
+# Constant AdamW step size on both sides, with gradients clipped to a global norm of 1.
+LEARNING_RATE = 1e-3
 MAX_GRAD_NORM = 1.0
 
-# The three benchmarked objectives as `ckt_jax.objective.ObjectiveConfig` fields; every field not
+# The three benchmarked objectives as `ckt_jax.objective.ObjectiveConfig` fields. Every field not
 # named keeps its default (token reduction, 96 scored reply positions per row, no opening weight).
 # The PyTorch worker implements the same terms from the same fields.
 OBJECTIVES = {
@@ -78,7 +79,7 @@ def reset_peak_rss() -> bool:
     """Reset this process's peak resident set size (VmHWM) to its current RSS.
 
     Writing 5 to /proc/self/clear_refs does this on Linux 4.0 and later. Returns False where it
-    is not possible; the peak then counts from the start of the process.
+    is not possible, and the peak then counts from the start of the process.
     """
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -107,7 +108,7 @@ def minor_faults() -> int:
 
 
 def measure_step(run_step: Callable[[], dict]) -> dict:
-    """Run one step with the peak RSS reset; return its result plus seconds, peak RSS, faults.
+    """Run one step after resetting the peak RSS, and add its seconds, peak RSS and page faults.
 
     `run_step` must return only after the step's work is finished (a host copy of the loss).
     """
@@ -153,7 +154,7 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The CPU's bfloat16 and AMX feature flags, from /proc/cpuinfo (empty where unreadable)."""
+    """Return the CPU's bfloat16 and AMX feature flags from /proc/cpuinfo (empty if unreadable)."""
     wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512f")
     try:
         with open("/proc/cpuinfo") as handle:
@@ -195,14 +196,14 @@ def hardware() -> dict:
 # ---- the worker side of the pipe --------------------------------------------------------------
 
 def serve(handlers: dict[str, Callable[[dict], dict]]) -> None:
-    """Answer the parent's JSON-line requests until it sends `exit` or closes the pipe.
+    """Serve the parent's JSON-line requests until it sends `exit` or closes the pipe.
 
     Each request is `{"cmd": name, ...}` and gets one JSON line back: the handler's dict, or
-    `{"error": message, "traceback": text}` when the handler raised. The answers go to a copy of
+    `{"error": message, "traceback": text}` when the handler raised. The replies go to a copy of
     the original stdout, and stdout itself is pointed at stderr, so that a library that prints
     cannot corrupt the protocol.
     """
-    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     for line in sys.stdin:
         if not line.strip():
@@ -210,15 +211,15 @@ def serve(handlers: dict[str, Callable[[dict], dict]]) -> None:
         request = json.loads(line)
         command = request.pop("cmd")
         if command == "exit":
-            answers.write(json.dumps({"ok": True}) + "\n")
+            replies.write(json.dumps({"ok": True}) + "\n")
             return
         handler = handlers.get(command)
         try:
             if handler is None:
-                raise ValueError(f"unknown worker command {command!r}; expected one of "
+                raise ValueError(f"worker command {command!r} is unknown; use one of "
                                  f"{', '.join(sorted(handlers))} or exit")
-            answer = handler(request)
+            reply = handler(request)
         except Exception as error:  # Sent back to the parent, which decides what is fatal.
-            answer = {"error": f"{type(error).__name__}: {error}",
+            reply = {"error": f"{type(error).__name__}: {error}",
                       "traceback": traceback.format_exc()}
-        answers.write(json.dumps(answer) + "\n")
+        replies.write(json.dumps(reply) + "\n")

@@ -1,9 +1,9 @@
 """The ckt_jax side of `bench/train_step.py`: a worker process that runs ckt_jax's train step.
 
 The parent starts it as `python bench/jax_worker.py` and sends it JSON-line requests
-(`common.serve`). It loads the model, writes everything the PyTorch worker needs to build the
-same model (the batch, the teacher's and the student's initial adapters as PEFT directories
-and, for the tiny model, the weights as a Hugging Face directory), then compiles and times
+(`common.serve`). It loads the model and writes the files from which the PyTorch worker builds
+the same model: the batch, the teacher's and the student's initial adapters as PEFT directories
+and, for the tiny model, the weights as a Hugging Face directory. Then it compiles and times
 `ckt_jax.train.make_train_step` on `ckt_jax.objective.build_objective` for each compute dtype.
 """
 
@@ -99,19 +99,23 @@ class JaxWorker:
                              f"{config.max_position_embeddings} positions; pass a shorter one")
         self.config = config
 
-        teacher_adapters = random_adapters(config, self.lora_config, seed + 1,
-                                           common.TEACHER_LORA_B_STD)
         self.student_adapters = random_adapters(config, self.lora_config, seed + 2,
                                                 common.STUDENT_LORA_B_STD)
-        files["teacher_lora"] = str(peft_format.export_peft_adapter(
-            workdir / "teacher_lora", teacher_adapters, self.lora_config))
         files["student_lora"] = str(peft_format.export_peft_adapter(
             workdir / "student_lora", self.student_adapters, self.lora_config))
-
         self.backbone = train.to_device_tree(params)
-        self.teacher = lora.merge_lora(
-            lora.combine_params(train.to_device_tree(teacher_adapters), self.backbone),
-            self.lora_config.scale)
+        del params
+
+        # The teacher is a second full copy of the weights, built only when an objective needs it.
+        self.teacher = None
+        if request["teacher"]:
+            teacher_adapters = random_adapters(config, self.lora_config, seed + 1,
+                                               common.TEACHER_LORA_B_STD)
+            files["teacher_lora"] = str(peft_format.export_peft_adapter(
+                workdir / "teacher_lora", teacher_adapters, self.lora_config))
+            self.teacher = lora.merge_lora(
+                lora.combine_params(train.to_device_tree(teacher_adapters), self.backbone),
+                self.lora_config.scale)
         batch = common.make_batch(request["batch"], request["seq_len"], config.vocab_size, seed)
         files["batch"] = str(workdir / "batch.npz")
         np.savez(files["batch"], **batch)
@@ -182,6 +186,9 @@ class JaxWorker:
         adapters = train.to_device_tree(self.student_adapters)
         frozen = {"backbone": self.backbone}
         if objective.needs_teacher:
+            if self.teacher is None:
+                raise ValueError("this objective needs a teacher, but prepare ran with "
+                                 "teacher=False")
             frozen["teacher"] = self.teacher
         return {"step": train.make_train_step(loss_fn, optimizer), "adapters": adapters,
                 "opt_state": optimizer.init(adapters), "frozen": frozen, "index": 0}
@@ -204,7 +211,7 @@ class JaxWorker:
         return common.measure_step(run)
 
     def first_step_noise(self, objective: ObjectiveConfig) -> np.ndarray:
-        """The embedding noise of the first step's noisy pass, float32 `rows x L x D`.
+        """Return the embedding noise of the first step's noisy pass, float32 `rows x L x D`.
 
         NOTE: this repeats how `build_objective`'s loss splits its key (the noise key is the
         first half of the step key's first split) and which rows get the noisy pass. If that

@@ -82,6 +82,8 @@ class TorchObjective:
                     "noise_alpha": 5.0, "consistency_row_stride": 1,
                     "noise_distribution": "gaussian"}
         self.s = {**defaults, **settings}
+        if self.needs_teacher() and teacher is None:
+            raise ValueError("this objective needs a teacher, but the worker loaded none")
         self.student = student.get_base_model()   # LlamaForCausalLM with LoRA layers inside
         self.teacher = teacher
         self.lora_scale = common.LORA_ALPHA / common.LORA_RANK
@@ -214,8 +216,10 @@ class TorchWorker:
             gguf = pathlib.Path(files["gguf"])
             base = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                         dtype=torch.float32)
-        teacher = PeftModel.from_pretrained(copy.deepcopy(base), files["teacher_lora"])
-        self.teacher = teacher.merge_and_unload().eval().requires_grad_(False)
+        self.teacher = None
+        if "teacher_lora" in files:
+            teacher = PeftModel.from_pretrained(copy.deepcopy(base), files["teacher_lora"])
+            self.teacher = teacher.merge_and_unload().eval().requires_grad_(False)
         self.student = PeftModel.from_pretrained(base, files["student_lora"], is_trainable=True)
         self.student.train()
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
@@ -239,7 +243,7 @@ class TorchWorker:
         return result
 
     def setup(self, request: dict) -> dict:
-        """Build and warm up each variant; a variant that fails is reported, not raised.
+        """Build and warm up each variant. A variant that fails is reported in the reply.
 
         The variant named in `request["check_variant"]` adds the ckt_jax side's noise (from
         `request["noise_path"]`) in its first step, so that its first loss can be compared.

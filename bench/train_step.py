@@ -3,14 +3,15 @@
     .venv/bin/python bench/train_step.py --json OUT.json                 # SmolLM2-135M, 4 x 256
     .venv/bin/python bench/train_step.py --model tiny --steps 2 --precisions float32
 
-Both sides load the same weights (the packaged SmolLM2 GGUF file, or a tiny random Llama), train
-LoRA rank 8 on q and v from the same initial adapters, on the same batch, with the same terms,
-temperature and AdamW settings, for three objectives: `ce_lora` (cross-entropy on reply
-tokens), `kd` (forward KL at temperature 2 from a live teacher, the base model with its own
-merged LoRA pair) and `ckt` (kd, symmetric InfoNCE between pooled student and teacher states,
-and a noisy second student pass tied to the clean one by a symmetric KL). `common.OBJECTIVES`
-lists their `ObjectiveConfig` fields. ckt_jax runs with float32 and bfloat16 compute, and PyTorch
-in float32, under bfloat16 autocast and under bfloat16 autocast with `torch.compile`.
+Both sides load the same weights (the packaged SmolLM2 GGUF file, or a tiny random Llama). They
+train LoRA rank 8 on q and v from the same initial adapters, on the same batch, with the same
+terms, temperature and AdamW settings. There are three objectives. `ce_lora` is cross-entropy
+on reply tokens. `kd` is forward KL at temperature 2 from a live teacher, the base model with
+its own merged LoRA pair. `ckt` adds to kd a symmetric InfoNCE between pooled student and
+teacher states and a noisy second student pass tied to the clean one by a symmetric KL.
+`common.OBJECTIVES` lists their `ObjectiveConfig` fields. ckt_jax runs with float32 and bfloat16
+compute, and PyTorch in float32, under bfloat16 autocast and under bfloat16 autocast with
+`torch.compile`.
 
 Design:
 - Two worker processes, one per framework (`jax_worker.py`, `torch_worker.py`), driven by this
@@ -100,6 +101,18 @@ def positive_int(option: str, minimum: int = 1):
     return parse
 
 
+def positive_float(option: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"{option}={text!r} is invalid; pass a number > 0")
+        return value
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(prog="train_step.py", description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", type=comma_list(tuple(common.OBJECTIVES), "--objectives"),
@@ -112,6 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=positive_int("--batch"), default=4, help="rows per step")
     parser.add_argument("--seq-len", type=positive_int("--seq-len", 2), default=256,
                         help="tokens per row")
+
     parser.add_argument("--steps", type=positive_int("--steps"), default=5,
                         help="timed steps per variant; the median is reported")
     parser.add_argument("--warmup", type=positive_int("--warmup"), default=2,
@@ -119,12 +133,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "compiles)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile variant")
+
     parser.add_argument("--matmul-size", type=positive_int("--matmul-size", 16), default=2048,
                         help="side of the square matrices of the matmul peak")
     parser.add_argument("--matmul-repeats", type=positive_int("--matmul-repeats"), default=5,
                         help="timed matrix products per peak; the fastest counts")
-    parser.add_argument("--rtol", type=float, default=1e-3,
-                        help="largest relative difference of the float32 first-step losses")
+    parser.add_argument("--rtol", type=positive_float("--rtol"), default=1e-3,
+                        help="maximum relative difference of the float32 first-step losses")
+
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, adapters, batch")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     parser.add_argument("--verbose", action="store_true",
@@ -137,8 +153,9 @@ def require_torch() -> None:
     missing = [name for name in ("torch", "peft", "accelerate")
                if importlib.util.find_spec(name) is None]
     if missing:
-        print(f"train_step.py: {', '.join(missing)} not installed in {sys.prefix}; install the "
-              "test extras with `bash launch/setup.sh test`", file=sys.stderr)
+        verb = "is" if len(missing) == 1 else "are"
+        print(f"train_step.py: {', '.join(missing)} {verb} not installed in {sys.prefix}; "
+              "install the test extras with `bash launch/setup.sh test`", file=sys.stderr)
         sys.exit(2)
 
 
@@ -318,7 +335,7 @@ def run_objective(name: str, args, workers: dict, config, peaks: dict, workdir) 
 
 
 def compare_sides(variants: dict) -> dict:
-    """The headline numbers: best ckt_jax and PyTorch times and their ratios (> 1: ckt_jax wins)."""
+    """Return the best ckt_jax and PyTorch times and their ratios (above 1: ckt_jax is faster)."""
     def best(prefix, precision=None):
         timed = {key: value for key, value in variants.items()
                  if key.startswith(prefix) and "error" not in value
@@ -406,6 +423,10 @@ def main(argv=None) -> int:
                            "matmul_size": args.matmul_size}}
     start = time.perf_counter()
     status = 0
+    from ckt_jax.objective import ObjectiveConfig
+
+    needs_teacher = any(ObjectiveConfig(**common.OBJECTIVES[name]).needs_teacher
+                        for name in args.objectives)
     with tempfile.TemporaryDirectory(prefix="ckt_bench_") as tmp:
         workdir = pathlib.Path(tmp)
         workers = {}
@@ -413,7 +434,7 @@ def main(argv=None) -> int:
             workers["jax"] = Worker("jax", workdir, args.verbose)
             prepared = workers["jax"].request("prepare", model=args.model, workdir=str(workdir),
                                               batch=args.batch, seq_len=args.seq_len,
-                                              seed=args.seed)
+                                              seed=args.seed, teacher=needs_teacher)
             print(f"ckt_jax loaded {args.model} in {prepared['load_seconds']:.1f} s", flush=True)
             workers["torch"] = Worker("torch", workdir, args.verbose)
             loaded = workers["torch"].request("load", files=prepared["files"])
