@@ -155,13 +155,13 @@ def cpu_model() -> str:
 
 def cpu_flags() -> list[str]:
     """Return the CPU's bfloat16 and AMX feature flags from /proc/cpuinfo (empty if unreadable)."""
-    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512f")
+    feature_flags = ("avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512f")
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in flags]
+                    return [flag for flag in feature_flags if flag in flags]
     except OSError:
         pass
     return []

@@ -2,9 +2,10 @@
 
 The parent starts it as `python bench/jax_worker.py` and sends it JSON-line requests
 (`common.serve`). It loads the model and writes the files from which the PyTorch worker builds
-the same model: the batch, the teacher's and the student's initial adapters as PEFT directories
-and, for the tiny model, the weights as a Hugging Face directory. Then it compiles and times
-`ckt_jax.train.make_train_step` on `ckt_jax.objective.build_objective` for each compute dtype.
+the same model. These are the batch and the initial adapters of the teacher and the student as
+PEFT directories, plus for the tiny model the weights as a Hugging Face directory. Then it
+compiles and times `ckt_jax.train.make_train_step` on `ckt_jax.objective.build_objective` for
+each compute dtype.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class TorchObjective:
                     "contrastive_pooling": "last_prompt", "contrastive_symmetric": True,
                     "noise_alpha": 5.0, "consistency_row_stride": 1,
                     "noise_distribution": "gaussian"}
-        self.s = {**defaults, **settings}
+        self.cfg = {**defaults, **settings}
         if self.needs_teacher() and teacher is None:
             raise ValueError("this objective needs a teacher, but the worker loaded none")
         self.student = student.get_base_model()   # LlamaForCausalLM with LoRA layers inside
@@ -91,10 +91,10 @@ class TorchObjective:
                              if hasattr(m, "lora_A") and "default" in m.lora_A]
 
     def needs_teacher(self) -> bool:
-        return self.s["kd_weight"] > 0 or self.s["contrastive_weight"] > 0
+        return self.cfg["kd_weight"] > 0 or self.cfg["contrastive_weight"] > 0
 
     def reduce(self, values_BxK, weights_BxK):
-        if self.s["reduction"] == "token":
+        if self.cfg["reduction"] == "token":
             return (values_BxK * weights_BxK).sum() / weights_BxK.sum().clamp(min=1.0)
         row_weight_B = weights_BxK.sum(-1)
         row_mean_B = (values_BxK * weights_BxK).sum(-1) / row_weight_B.clamp(min=1.0)
@@ -104,9 +104,9 @@ class TorchObjective:
     def noise(self, embeds_BxLxD, mask_BxL):
         """Length-scaled embedding noise: alpha / sqrt(real tokens * hidden) per row."""
         mask = mask_BxL.float()
-        scale_B = self.s["noise_alpha"] / torch.sqrt(
+        scale_B = self.cfg["noise_alpha"] / torch.sqrt(
             mask.sum(-1).clamp(min=1.0) * embeds_BxLxD.shape[-1])
-        if self.s["noise_distribution"] == "gaussian":
+        if self.cfg["noise_distribution"] == "gaussian":
             unit = torch.randn(embeds_BxLxD.shape)
         else:
             unit = torch.rand(embeds_BxLxD.shape) * 2.0 - 1.0
@@ -126,18 +126,18 @@ class TorchObjective:
 
         `noise_BxLxD` replaces the random noise of the noisy pass (for the loss check).
         """
-        s = self.s
+        cfg = self.cfg
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         L = input_ids.shape[1]
         target_mask = torch.cat([batch["loss_mask"][:, 1:],
                                  torch.zeros_like(batch["loss_mask"][:, :1])], dim=1)
-        k = min(s["max_target_tokens"], L)
+        k = min(cfg["max_target_tokens"], L)
         positions_BxK = torch.argsort(-target_mask, dim=1, stable=True)[:, :k]
         valid_BxK = torch.gather(target_mask, 1, positions_BxK).float()
         weights_BxK = valid_BxK
-        if s["opening_tokens"] > 0:
-            opening_K = torch.arange(k) < s["opening_tokens"]
-            weights_BxK = valid_BxK * torch.where(opening_K, s["opening_weight"], 1.0)[None]
+        if cfg["opening_tokens"] > 0:
+            opening_K = torch.arange(k) < cfg["opening_tokens"]
+            weights_BxK = valid_BxK * torch.where(opening_K, cfg["opening_weight"], 1.0)[None]
         index_BxKxD = positions_BxK[..., None].expand(-1, -1, self.student.config.hidden_size)
 
         def scored_hidden(model, rows=slice(None), **inputs):
@@ -156,32 +156,32 @@ class TorchObjective:
                 teacher_hidden = scored_hidden(self.teacher, input_ids=input_ids)
                 teacher_logits = project(self.teacher, teacher_hidden)
 
-        if s["ce_weight"] > 0:
+        if cfg["ce_weight"] > 0:
             next_ids_BxK = torch.gather(input_ids, 1, (positions_BxK + 1).clamp(max=L - 1))
             nll_BxK = F.cross_entropy(student_logits.transpose(1, 2), next_ids_BxK,
                                       reduction="none")
             terms["ce"] = self.reduce(nll_BxK, weights_BxK)
 
-        if s["kd_weight"] > 0:
-            t = s["temperature"]
+        if cfg["kd_weight"] > 0:
+            t = cfg["temperature"]
             log_q = F.log_softmax(student_logits / t, dim=-1)
             log_p = F.log_softmax(teacher_logits / t, dim=-1)
             kl_BxK = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
             terms["kd"] = self.reduce(t**2 * kl_BxK, weights_BxK)
 
-        if s["contrastive_weight"] > 0:
-            if s["contrastive_pooling"] == "last_prompt":
+        if cfg["contrastive_weight"] > 0:
+            if cfg["contrastive_pooling"] == "last_prompt":
                 student_repr, teacher_repr = student_hidden[:, 0], teacher_hidden[:, 0]
             else:
                 pool_BxK = valid_BxK / valid_BxK.sum(1, keepdim=True).clamp(min=1.0)
                 student_repr = torch.einsum("bk,bkd->bd", pool_BxK, student_hidden.float())
                 teacher_repr = torch.einsum("bk,bkd->bd", pool_BxK, teacher_hidden.float())
             terms["contrastive"] = info_nce(student_repr, teacher_repr,
-                                            s["contrastive_temperature"],
-                                            s["contrastive_symmetric"]).mean()
+                                            cfg["contrastive_temperature"],
+                                            cfg["contrastive_symmetric"]).mean()
 
-        if s["consistency_weight"] > 0:
-            rows = slice(None, None, s["consistency_row_stride"])
+        if cfg["consistency_weight"] > 0:
+            rows = slice(None, None, cfg["consistency_row_stride"])
             embeds = self.student.model.embed_tokens(input_ids[rows])
             if noise_BxLxD is None:
                 noise_BxLxD = self.noise(embeds, attention_mask[rows])
@@ -190,10 +190,10 @@ class TorchObjective:
             per_token = symmetric_kl(student_logits[rows], noisy_logits)
             terms["consistency"] = self.reduce(per_token, weights_BxK[rows])
 
-        if s["l2_weight"] > 0:
+        if cfg["l2_weight"] > 0:
             terms["l2"] = self.l2_penalty()
 
-        total = sum(s[f"{name}_weight"] * value for name, value in terms.items())
+        total = sum(cfg[f"{name}_weight"] * value for name, value in terms.items())
         return total, terms
 
 
