@@ -1,0 +1,108 @@
+"""The benchmark scripts under bench/, run as subprocesses on tiny random models."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_STEP = ROOT / "bench" / "train_step.py"
+ACCELERATOR = ROOT / "bench" / "accelerator.py"
+OBJECTIVES = ("ce_lora", "kd", "ckt")
+# float32 only: the torch.compile variant alone takes minutes to compile on 2 cores.
+TINY_ARGS = ["--model", "tiny", "--steps", "1", "--warmup", "1", "--precisions", "float32",
+             "--matmul-size", "64", "--matmul-repeats", "1"]
+
+
+def run_script(script, args, env, timeout=300):
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(peft_available, subprocess_env, tmp_path_factory):
+    """The JSON report of one tiny run over all three objectives."""
+    out = tmp_path_factory.mktemp("bench") / "train_step.json"
+    result = run_script(TRAIN_STEP, [*TINY_ARGS, "--json", str(out)], subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_train_step_report_keys(tiny_report):
+    report, _ = tiny_report
+    assert set(report) >= {"objectives", "peaks", "hardware", "settings"}
+    assert set(report["objectives"]) == set(OBJECTIVES)
+    assert set(report["peaks"]) == {"numpy_float32", "jax_float32", "jax_bfloat16",
+                                    "torch_float32", "torch_bfloat16"}
+    for name in OBJECTIVES:
+        result = report["objectives"][name]
+        for key in ("jax_s_per_step", "torch_best_s_per_step", "torch_best_variant", "ratio",
+                    "ratio_fp32", "variants", "check", "flops_per_step"):
+            assert key in result, (name, key)
+        assert set(result["variants"]) == {"jax_float32", "torch_float32"}
+        assert result["torch_best_variant"] == "float32"
+        assert result["ratio"] == pytest.approx(
+            result["torch_best_s_per_step"] / result["jax_s_per_step"])
+        for variant in result["variants"].values():
+            assert variant["s_per_step"] > 0
+            assert variant["peak_rss_mib"] > 0
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_train_step_first_losses_agree(tiny_report, name):
+    check = tiny_report[0]["objectives"][name]["check"]
+    assert check["precision"] == "float32"
+    assert check["relative_difference"] <= 1e-3, check
+    for term, values in check["terms"].items():
+        assert values["torch"] == pytest.approx(values["jax"], rel=1e-3, abs=1e-6), term
+
+
+def test_train_step_ckt_has_every_term(tiny_report):
+    terms = tiny_report[0]["objectives"]["ckt"]["check"]["terms"]
+    assert set(terms) == {"kd", "contrastive", "consistency", "l2"}
+
+
+def test_train_step_prints_table(tiny_report):
+    _, stdout = tiny_report
+    assert "loss check (float32)" in stdout
+    assert "PyTorch / ckt_jax time ratio" in stdout
+
+
+def test_train_step_bad_objective_one_line(subprocess_env):
+    result = run_script(TRAIN_STEP, ["--objectives", "ce_lora,sft"], subprocess_env, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "'ce_lora,sft'" in lines[0]
+    assert "ce_lora,kd,ckt" in lines[0]
+
+
+def test_train_step_missing_torch_one_line(subprocess_env):
+    # Hide torch from the import system, as in an environment without the test extras.
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            f"sys.argv = [{str(TRAIN_STEP)!r}, '--model', 'tiny']; "
+            f"runpy.run_path({str(TRAIN_STEP)!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=subprocess_env, cwd=ROOT, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "torch" in lines[0]
+    assert "bash launch/setup.sh test" in lines[0]
+
+
+def test_accelerator_tiny_report(subprocess_env, tmp_path):
+    # Without --json the report goes to $OUT/accelerator.json.
+    env = dict(subprocess_env, OUT=str(tmp_path))
+    result = run_script(ACCELERATOR, ["--tiny", "--steps", "1", "--warmup", "1"], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "accelerator.json").read_text())
+    assert report["device"]["platform"] == "cpu"
+    assert report["model"]["parameters"] > 0
+    assert [row["batch_size"] for row in report["results"]] == [2, 4]
+    for row in report["results"]:
+        assert row["tokens_per_s"] > 0
+        assert 0 < row["mfu"] < 1
+        assert row["flops_per_step"] > 0
