@@ -35,7 +35,7 @@ NAMES = tuple(_OWN_TERMS)
 
 
 def overrides(name: str) -> dict[str, float]:
-    """Dotted `config` field -> value for baseline ``name``, every objective field included."""
+    """Return the dotted `config` fields and values of baseline ``name``, every objective field."""
     if name not in _OWN_TERMS:
         raise ValueError(f"baseline {name!r} is unknown; use one of {', '.join(NAMES)}")
     values = {f"distill.{w}": 0.0 for w in OBJECTIVE_WEIGHTS}

@@ -50,7 +50,7 @@ def _study_section(name: str, root_name: str, markdown: str, plots: list[pathlib
 
 
 def _study_sections(root: pathlib.Path, assets: pathlib.Path, page: pathlib.Path) -> list[str]:
-    """Sections of the studies in ``root`` and of those committed earlier under ``assets``."""
+    """Render the studies in ``root`` and those committed earlier under ``assets``."""
     lines = []
     copies = assets / root.name
     names = set()

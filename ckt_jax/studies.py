@@ -185,7 +185,7 @@ def _cell_record(config, cell: Cell) -> dict:
 
 
 def config_digest(cell_cfg) -> str:
-    """SHA-256 of a cell's config without its names, equal for cells that train the same student."""
+    """Hash a cell's config without its names; cells that train the same student get one digest."""
     fields = cell_cfg.to_dict()
     for name in ("student_name", "study"):
         fields.pop(name, None)
@@ -194,7 +194,7 @@ def config_digest(cell_cfg) -> str:
 
 
 def _same_cell(root: pathlib.Path, digest: str) -> tuple[pathlib.Path, dict] | None:
-    """A finished cell of any study under ``root`` whose config digest is ``digest``."""
+    """Find a finished cell of any study under ``root`` whose config digest is ``digest``."""
     for path in sorted((root / "studies").glob("*/*/cell.json")):
         stored = json.loads(path.read_text())
         if stored.get("config_digest") == digest and "same_as" not in stored:
