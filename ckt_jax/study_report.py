@@ -36,7 +36,18 @@ def hardware() -> dict:
     device = jax.devices()[0]
     return {"platform": device.platform, "device_kind": device.device_kind,
             "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": cpu_model()}
+
+
+def cpu_model() -> str:
+    """Return the CPU's model name from /proc/cpuinfo, or what `platform` knows elsewhere."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _loss_stability(losses: list[float]) -> dict:
@@ -155,7 +166,8 @@ def render_markdown(summary: dict) -> str:
              + ", ".join(f"{k}={v}" for k, v in summary["eval_counts"].items()) + ".",
              f"Hardware: {summary['hardware']['device_count']} x "
              f"{summary['hardware']['device_kind']} ({summary['hardware']['platform']}), "
-             f"{summary['hardware']['cpu_count']} CPU cores. Study wall time "
+             f"{summary['hardware']['cpu_count']} CPU cores "
+             f"({summary['hardware'].get('processor', 'unknown CPU')}). Study wall time "
              f"{summary['wall_seconds']:.0f} s (cells finished in an earlier run count 0).",
              "Rates in brackets: 95% Wilson intervals; the score: 95% bootstrap interval.", ""]
     lines += main_table(summary["cells"], summary["references"], study)
