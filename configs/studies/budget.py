@@ -1,4 +1,4 @@
-"""Study budget. Compute budget: one student per distill.steps (warm-up a tenth of the steps); score
+"""Study budget. Compute budget: one student per distill.steps (warm-up scaled in proportion); score
 against training wall time.
 
     python -m ckt_jax.main --config configs/studies/budget.py --workdir runs/studies
