@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -182,7 +182,9 @@ class BatchStream:
     `position` counts the batches taken so far and is stored in training checkpoints. `skip_to`
     replays the seeded example order without padding anything, so a resumed run gets exactly the
     batches an uninterrupted run would have got. `rows` selects the rows of each global batch that
-    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`.
+    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`. `batch_fields`,
+    when set, is called with the padded examples and the row length and returns more `B x ...`
+    arrays for the batch (the teacher cache uses it).
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, harmful_fraction: float,
@@ -196,6 +198,7 @@ class BatchStream:
         self.rows = rows
         self.seed = seed
         self.position = 0
+        self.batch_fields: Callable[[Sequence[Example], int], dict[str, np.ndarray]] | None = None
         self._batches = self._make()
 
     def __iter__(self) -> "BatchStream":
@@ -204,7 +207,16 @@ class BatchStream:
     def __next__(self) -> dict[str, np.ndarray]:
         chosen = next(self._batches)
         self.position += 1
-        return pad_batch(chosen, rows=self.rows, **self._pad)
+        batch = pad_batch(chosen, rows=self.rows, **self._pad)
+        if self.batch_fields is not None:
+            padded = chosen if self.rows is None else [chosen[int(i)] for i in self.rows]
+            batch.update(self.batch_fields(padded, batch["input_ids"].shape[1]))
+        return batch
+
+    def drawn_examples(self, count: int) -> list[Example]:
+        """Return the examples of batches 1 .. `count` (with repeats), without padding them."""
+        batches = self._make()
+        return [example for _ in range(count) for example in next(batches)]
 
     def skip_to(self, position: int) -> None:
         """Move to `position` batches from the start.

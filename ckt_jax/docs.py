@@ -86,6 +86,8 @@ UNITS.update({
     "distill.adversarial_steps": "ascent steps",
     "distill.adversarial_epsilon": "embedding norm",
     "distill.adversarial_step_size": "embedding norm",
+    "distill.teacher_cache.top_k": "tokens per position",
+    "distill.teacher_cache.batch_size": "examples",
     "distill.text_noise.typo_rate": "fraction of letters",
     "distill.text_noise.case_rate": "fraction of letters",
     "distill.text_noise.whitespace_rate": "fraction of spaces",

@@ -7,7 +7,10 @@
   frozen_params   {"backbone": student backbone, "teacher": teacher params (only if a term needs
                   it)}; wrapped in `stop_gradient`, so no gradient reaches them;
   batch           {"input_ids", "attention_mask", "loss_mask"} int32 `B x L`, where `loss_mask`
-                  marks the reply tokens (the targets), and "is_harmful" int32 `B`;
+                  marks the reply tokens (the targets), and "is_harmful" int32 `B`; with
+                  `cached_teacher_top_k > 0` also the teacher cache fields of
+                  `ckt_jax.teacher_cache.BATCH_FIELDS`, `B x K x k` and `B x K`, aligned with
+                  the scored positions;
   rng             a `jax.random` key, split here for every stochastic term.
 
 `aux` contains every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
@@ -98,6 +101,11 @@ class ObjectiveConfig:
     adversarial_step_size: float = 0.5
     adversarial_norm: str = "l2"               # "l2" (per sequence) or "linf" (per element).
 
+    # k > 0 takes the kd term from the teacher's cached top-k log-probabilities in the batch
+    # (`sparse_forward_kl`, bucket tail with the exact remainder) instead of its full logits.
+    # The teacher forward still runs when another term needs its hidden states or full logits.
+    cached_teacher_top_k: int = 0
+
     def __post_init__(self):
         choices = {"divergence": tuple(losses.DIVERGENCES), "contrastive_pooling": POOLINGS,
                    "relation_method": RELATION_METHODS, "reduction": REDUCTIONS,
@@ -125,14 +133,26 @@ class ObjectiveConfig:
             raise ValueError(f"consistency_row_stride={self.consistency_row_stride} must be >= 1")
         if self.adversarial_steps < 1:
             raise ValueError(f"adversarial_steps={self.adversarial_steps} must be >= 1")
+        if self.cached_teacher_top_k < 0:
+            raise ValueError(f"cached_teacher_top_k={self.cached_teacher_top_k} must be >= 0")
+        if self.cached_teacher_top_k and self.divergence != "forward_kl":
+            raise ValueError(f"divergence={self.divergence!r} cannot use the teacher cache, "
+                             "which stores only the top-k; use divergence='forward_kl' or turn "
+                             "the teacher cache off")
         if sum(getattr(self, name) for name in WEIGHTS if name != "l2_weight") == 0:
             raise ValueError("every data term has weight 0; set ce_weight or kd_weight > 0")
 
     @property
     def needs_teacher(self) -> bool:
-        return (self.kd_weight > 0 or self.contrastive_weight > 0 or self.relation_weight > 0
+        """Whether the loss runs the teacher forward (a cached kd term does not need it)."""
+        return ((self.kd_weight > 0 and not self.cached_teacher_top_k)
+                or self.contrastive_weight > 0 or self.relation_weight > 0
                 or (self.consistency_weight > 0 and self.consistency_target == "teacher")
                 or (self.adversarial_weight > 0 and self.consistency_target == "teacher"))
+
+    @property
+    def uses_teacher_cache(self) -> bool:
+        return self.kd_weight > 0 and self.cached_teacher_top_k > 0
 
 
 def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
@@ -225,7 +245,13 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
             nll = -jnp.take_along_axis(log_probs, next_ids[..., None], axis=-1)[..., 0]
             terms["ce"] = reduce(nll, token_weights)
 
-        if cfg.kd_weight > 0:
+        if cfg.kd_weight > 0 and cfg.cached_teacher_top_k:
+            per_token = losses.sparse_forward_kl(
+                student_logits, batch["teacher_top_k_indices"], batch["teacher_top_k_log_probs"],
+                temperature=cfg.temperature,
+                teacher_tail_log_mass_BxL=batch["teacher_tail_log_mass"])
+            terms["kd"] = reduce(per_token, token_weights)
+        elif cfg.kd_weight > 0:
             per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
             terms["kd"] = reduce(per_token, token_weights)
 

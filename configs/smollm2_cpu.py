@@ -89,6 +89,13 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.adversarial_epsilon = 1.0   # Ball radius (L2 per sequence, or per element for linf).
     c.distill.adversarial_step_size = 0.5  # Ascent step length (same norm as the epsilon).
     c.distill.adversarial_norm = "l2"     # l2 or linf.
+    # Teacher cache: the teacher's top-k log-probabilities on the scored reply tokens of the
+    # examples the run draws, computed once into <workdir>/teacher_cache/ and read by the kd term
+    # (sparse forward KL) instead of a teacher forward every step.
+    c.distill.teacher_cache = config_dict.ConfigDict()
+    c.distill.teacher_cache.enabled = False  # Distil kd from the cache (needs divergence forward_kl).
+    c.distill.teacher_cache.top_k = 32       # Teacher tokens kept per scored position.
+    c.distill.teacher_cache.batch_size = 8   # Examples per teacher forward while building the cache.
     # Text noise in the student's training prompts (the teacher trains on clean text).
     c.distill.text_noise = config_dict.ConfigDict()
     c.distill.text_noise.typo_rate = 0.0        # Share of letters given a typo.
