@@ -96,6 +96,10 @@ def validate_config(config) -> None:
     if train.remat not in REMAT_CHOICES:
         raise ValueError(f"config.train.remat={train.remat!r} is unknown; use one of "
                          f"{', '.join(REMAT_CHOICES)}")
+    vocab_chunk_size = train.get("vocab_chunk_size", 0)
+    if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 0:
+        raise ValueError(f"config.train.vocab_chunk_size={vocab_chunk_size!r} is invalid; use 0 "
+                         "(no chunks) or a positive number of positions such as 16")
     if train.grad_accum_steps < 1:
         raise ValueError(f"config.train.grad_accum_steps={train.grad_accum_steps} must be >= 1")
     for section in ("teacher_train", "distill"):
@@ -246,6 +250,7 @@ _NEW_FIELD_DEFAULTS = {"data": {"heldout_fraction": 0.0}, "distill": {"label_noi
 # so the config digests of study cells made before they existed still match.
 ADDED_OPTIONS = (
     (("distill", "teacher_cache", "enabled"), False, ("distill", "teacher_cache")),
+    (("train", "vocab_chunk_size"), 0, ("train", "vocab_chunk_size")),
 )
 
 
@@ -616,7 +621,8 @@ def run_teacher(ctx: Context) -> None:
     adapters, history = train_adapters(
         ctx, name="teacher", section=section, lora_config=_lora_config(section),
         objective=ObjectiveConfig(ce_weight=1.0,
-                                  max_target_tokens=ctx.config.data.max_target_tokens),
+                                  max_target_tokens=ctx.config.data.max_target_tokens,
+                                  vocab_chunk_size=ctx.config.train.get("vocab_chunk_size", 0)),
         frozen_params={"backbone": base_params}, teacher_config=None,
         examples=training_examples(ctx), seed_offset=101, stage_dir=out_dir, record=record)
     _finish_training_stage(out_dir, out_dir / TEACHER_DIR_FILE, adapters, history, record)
@@ -682,7 +688,8 @@ def distill_objective(config) -> ObjectiveConfig:
     cache = config.distill.get("teacher_cache")
     if cache is not None and cache.enabled:
         settings["cached_teacher_top_k"] = cache.top_k
-    return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens)
+    return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens,
+                           vocab_chunk_size=config.train.get("vocab_chunk_size", 0))
 
 
 DISTILL_SEED_OFFSET = 202

@@ -46,10 +46,10 @@ from absl import logging
 
 from ckt_jax import batching, checkpoint, distributed, losses
 from ckt_jax.model import Llama
-from ckt_jax.objective import gather_target_positions
+from ckt_jax.objective import TEACHER_CACHE_FIELDS, gather_target_positions
 
 # The batch keys that carry the cache into the objective, `B x K x k`, `B x K x k` and `B x K`.
-BATCH_FIELDS = ("teacher_top_k_indices", "teacher_top_k_log_probs", "teacher_tail_log_mass")
+BATCH_FIELDS = TEACHER_CACHE_FIELDS
 MANIFEST = "cache.json"
 CACHE_VERSION = 1
 # Rows per teacher forward are padded to a multiple of this many tokens, as training batches are.
