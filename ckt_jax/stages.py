@@ -44,6 +44,9 @@ TRAIN_SPLITS = ("train_harmful", "train_benign")
 HELDOUT_SPLIT = "eval_heldout_harmful"
 TEACHER_DIR_FILE = "teacher_adapters"
 CHECKPOINT_DIR = "checkpoints"
+# Offsets from config.seed of the teacher's and the student's initialisation and batch order.
+TEACHER_SEED_OFFSET = 101
+DISTILL_SEED_OFFSET = 202
 REMAT_CHOICES = ("none",) + tuple(REMAT_POLICIES)
 
 
@@ -483,6 +486,26 @@ def training_examples(ctx: Context, text_noise_rates=None,
     return examples
 
 
+def padding_report(ctx: Context, section_name: str = "distill") -> dict[str, dict[str, float]]:
+    """Measure the padding share of a training stage's batches, as drawn and as packed.
+
+    Draws the `config.<section_name>.steps` batches that the stage trains on (the same seeded
+    stream) and returns `batching.padding_report` for them. Needs the data and targets stages
+    of `ctx.root`; nothing is trained. For example, on a finished main-job work directory:
+
+        config = config_files.load_module("configs/smollm2_cpu.py").get_config()
+        stages.padding_report(stages.Context(config=config, root=pathlib.Path(workdir)))
+    """
+    section = ctx.config[section_name]
+    if section_name == "distill":
+        examples = training_examples(ctx, section.text_noise, section.get("label_noise", 0.0))
+        seed_offset = DISTILL_SEED_OFFSET
+    else:
+        examples, seed_offset = training_examples(ctx), TEACHER_SEED_OFFSET
+    stream = _batch_stream(ctx, section, examples, seed_offset)
+    return batching.padding_report(stream, section.steps, ctx.config.data.max_seq_len)
+
+
 def _lora_config(section) -> LoraConfig:
     targets = tuple(t.strip() for t in str(section.lora_targets).split(",") if t.strip())
     return LoraConfig(rank=section.lora_rank, alpha=section.lora_alpha, targets=targets)
@@ -624,7 +647,8 @@ def run_teacher(ctx: Context) -> None:
                                   max_target_tokens=ctx.config.data.max_target_tokens,
                                   vocab_chunk_size=ctx.config.train.get("vocab_chunk_size", 0)),
         frozen_params={"backbone": base_params}, teacher_config=None,
-        examples=training_examples(ctx), seed_offset=101, stage_dir=out_dir, record=record)
+        examples=training_examples(ctx), seed_offset=TEACHER_SEED_OFFSET, stage_dir=out_dir,
+        record=record)
     _finish_training_stage(out_dir, out_dir / TEACHER_DIR_FILE, adapters, history, record)
 
 
@@ -690,9 +714,6 @@ def distill_objective(config) -> ObjectiveConfig:
         settings["cached_teacher_top_k"] = cache.top_k
     return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens,
                            vocab_chunk_size=config.train.get("vocab_chunk_size", 0))
-
-
-DISTILL_SEED_OFFSET = 202
 
 
 def run_distill(ctx: Context) -> None:
