@@ -126,6 +126,9 @@ def pack_batch(examples: Sequence[Example], pad_id: int, max_seq_len: int,
     i of `examples` is segment i + 1 of its row and padding is segment 0. `is_harmful` stays
     per example (length `len(examples)`), and `example_row` and `example_start` (also per
     example) give the row and the first slot of each example.
+
+    TODO: `objective.build_objective` and `BatchStream` do not take packed batches yet. The
+    objective still gathers scored positions, pools and reduces per row, not per segment.
     """
     length = max(max_seq_len, max(len(e.input_ids) for e in examples))
     rows = pack_examples(examples, length)
