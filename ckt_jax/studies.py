@@ -186,7 +186,7 @@ def _cell_record(config, cell: Cell) -> dict:
 
 def config_digest(cell_cfg) -> str:
     """SHA-256 of a cell's config without its names, equal for cells that train the same student."""
-    fields = cell_cfg.to_dict()
+    fields = stages.config_without_added_defaults(cell_cfg.to_dict())
     for name in ("student_name", "study"):
         fields.pop(name, None)
     text = json.dumps(fields, sort_keys=True, default=str)
