@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -91,6 +91,103 @@ def balanced_batches(examples: Sequence[Example], batch_size: int, harmful_fract
     for chosen in balanced_example_batches(examples, batch_size, harmful_fraction, seed,
                                            max_seq_len, pool_batches, wrapped_fraction):
         yield pad_batch(chosen, pad_id, pad_multiple, max_seq_len)
+
+
+def pack_examples(examples: Sequence[Example], row_length: int) -> list[list[int]]:
+    """Group example indices into rows of at most `row_length` tokens, first fit decreasing.
+
+    Each row lists its examples in the order they are placed, longest first. An example longer
+    than `row_length` raises ValueError, because packing never splits an example.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in order:
+        length = len(examples[index].input_ids)
+        if length > row_length:
+            raise ValueError(f"example {examples[index].prompt_id!r} has {length} tokens, more "
+                             f"than the packed row length {row_length}; pass a longer row length")
+        for row, room in enumerate(free):
+            if length <= room:
+                rows[row].append(index)
+                free[row] -= length
+                break
+        else:
+            rows.append([index])
+            free.append(row_length - length)
+    return rows
+
+
+def pack_batch(examples: Sequence[Example], pad_id: int, max_seq_len: int,
+               ) -> dict[str, np.ndarray]:
+    """Pack examples into rows of `max_seq_len` tokens with `segment_ids` (R x L).
+
+    Returns the arrays of `pad_batch` for the R rows that `pack_examples` needs, where example
+    i of `examples` is segment i + 1 of its row and padding is segment 0. `is_harmful` stays
+    per example (length `len(examples)`), and `example_row` and `example_start` (also per
+    example) give the row and the first slot of each example.
+
+    TODO: `objective.build_objective` and `BatchStream` do not take packed batches yet. The
+    objective still gathers scored positions, pools and reduces per row, not per segment.
+    """
+    length = max(max_seq_len, max(len(e.input_ids) for e in examples))
+    rows = pack_examples(examples, length)
+    batch = {
+        "input_ids": np.full((len(rows), length), pad_id, np.int32),
+        "attention_mask": np.zeros((len(rows), length), np.int32),
+        "loss_mask": np.zeros((len(rows), length), np.int32),
+        "segment_ids": np.zeros((len(rows), length), np.int32),
+        "is_harmful": np.asarray([e.label == "harmful" for e in examples], np.int32),
+        "example_row": np.zeros(len(examples), np.int32),
+        "example_start": np.zeros(len(examples), np.int32),
+    }
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            example = examples[index]
+            end = start + len(example.input_ids)
+            batch["input_ids"][row, start:end] = example.input_ids
+            batch["attention_mask"][row, start:end] = 1
+            batch["loss_mask"][row, start:end] = example.loss_mask
+            batch["segment_ids"][row, start:end] = index + 1
+            batch["example_row"][index] = row
+            batch["example_start"][index] = start
+            start = end
+    return batch
+
+
+def padding_share(batches: Sequence[Sequence[Example]], pad_multiple: int, max_seq_len: int,
+                  pack: bool = False) -> dict[str, float]:
+    """Measure the padding of `batches` as `pad_batch` (or `pack_batch` with `pack`) lays them out.
+
+    Returns `real_tokens`, `slots` (rows x length, summed over batches) and `padding_share`,
+    the share of slots that contain padding.
+    """
+    real, slots = 0, 0
+    for examples in batches:
+        if pack:
+            shape = pack_batch(examples, 0, max_seq_len)["input_ids"].shape
+        else:
+            shape = pad_batch(examples, 0, pad_multiple, max_seq_len)["input_ids"].shape
+        real += sum(len(e.input_ids) for e in examples)
+        slots += shape[0] * shape[1]
+    return {"real_tokens": real, "slots": slots,
+            "padding_share": 1.0 - real / slots if slots else 0.0}
+
+
+def padding_report(stream: "BatchStream", count: int, max_seq_len: int,
+                   pad_multiples: Sequence[int] = (64, 16, 1)) -> dict[str, dict[str, float]]:
+    """Compare the padding share of the first `count` batches of `stream` under several layouts.
+
+    The batches are those a training run draws (sorted by length within pools, so they are
+    already bucketed by length). Keys: `padded_to_<m>` pads every batch to a multiple of `m`
+    tokens (64 is what training uses), and `packed` packs each batch into rows of
+    `max_seq_len` tokens, so only the last row of a batch carries much padding.
+    """
+    batches = stream.drawn_batches(count)
+    report = {f"padded_to_{m}": padding_share(batches, m, max_seq_len) for m in pad_multiples}
+    report["packed"] = padding_share(batches, 1, max_seq_len, pack=True)
+    return report
 
 
 def counts_needed(label: str, harmful_fraction: float) -> bool:
@@ -182,7 +279,9 @@ class BatchStream:
     `position` counts the batches taken so far and is stored in training checkpoints. `skip_to`
     replays the seeded example order without padding anything, so a resumed run gets exactly the
     batches an uninterrupted run would have got. `rows` selects the rows of each global batch that
-    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`.
+    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`. `batch_fields`,
+    when set, is called with the padded examples and the row length and returns more `B x ...`
+    arrays for the batch (the teacher cache uses it).
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, harmful_fraction: float,
@@ -196,6 +295,7 @@ class BatchStream:
         self.rows = rows
         self.seed = seed
         self.position = 0
+        self.batch_fields: Callable[[Sequence[Example], int], dict[str, np.ndarray]] | None = None
         self._batches = self._make()
 
     def __iter__(self) -> "BatchStream":
@@ -204,7 +304,20 @@ class BatchStream:
     def __next__(self) -> dict[str, np.ndarray]:
         chosen = next(self._batches)
         self.position += 1
-        return pad_batch(chosen, rows=self.rows, **self._pad)
+        batch = pad_batch(chosen, rows=self.rows, **self._pad)
+        if self.batch_fields is not None:
+            padded = chosen if self.rows is None else [chosen[int(i)] for i in self.rows]
+            batch.update(self.batch_fields(padded, batch["input_ids"].shape[1]))
+        return batch
+
+    def drawn_batches(self, count: int) -> list[list[Example]]:
+        """Return the examples of batches 1 .. `count`, without padding them."""
+        batches = self._make()
+        return [next(batches) for _ in range(count)]
+
+    def drawn_examples(self, count: int) -> list[Example]:
+        """Return the examples of batches 1 .. `count` (with repeats), without padding them."""
+        return [example for batch in self.drawn_batches(count) for example in batch]
 
     def skip_to(self, position: int) -> None:
         """Move to `position` batches from the start.

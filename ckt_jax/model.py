@@ -404,6 +404,20 @@ def _layer_stack(config: LlamaConfig, remat: bool, remat_policy: str):
     )
 
 
+def segment_positions(segment_ids_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
+    """Rotary positions `B x L` of packed rows: real tokens before each one in its segment.
+
+    Every segment starts at position 0, as it would alone. Within a segment only relative
+    positions reach attention under rotary embeddings, so this matters for float rounding at
+    large offsets and for the positions a model saw in pretraining, not for exact arithmetic.
+    """
+    L = segment_ids_BxL.shape[1]
+    same_segment_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    earlier_BxLxL = (same_segment_BxLxL & mask_BxL.astype(jnp.bool_)[:, None, :]
+                     & jnp.tril(jnp.ones((L, L), jnp.bool_), -1)[None])
+    return jnp.sum(earlier_BxLxL, axis=-1, dtype=jnp.int32)
+
+
 class Llama(nn.Module):
     config: LlamaConfig
     lora: LoraConfig | None = None
@@ -445,7 +459,8 @@ class Llama(nn.Module):
         return logits_BxLxV.astype(self.output_dtype)
 
     def __call__(self, input_ids_BxL=None, *, inputs_embeds_BxLxD=None, attention_mask_BxL=None,
-                 positions_BxL=None, cache=None, cache_is_empty=False) -> LlamaOutput:
+                 positions_BxL=None, cache=None, cache_is_empty=False,
+                 segment_ids_BxL=None) -> LlamaOutput:
         """Run the decoder.
 
         Pass exactly one of ``input_ids_BxL`` or ``inputs_embeds_BxLxD``. ``attention_mask_BxL``
@@ -455,6 +470,11 @@ class Llama(nn.Module):
         the L new tokens go to slots ``index .. index + L - 1``, and the returned cache has
         ``index`` advanced by L. ``cache_is_empty=True`` (a Python bool) promises that ``cache``
         is fresh from ``init_cache``, so a prefill skips attention over its empty slots.
+
+        ``segment_ids_BxL`` packs several sequences into one row: a token attends only to
+        earlier tokens with the same id, and the default positions count only those tokens, so
+        rotary positions restart at 0 in every segment. Segments must be contiguous within a
+        row. It cannot be combined with ``cache``.
         """
         if (input_ids_BxL is None) == (inputs_embeds_BxLxD is None):
             raise ValueError("Llama: pass exactly one of input_ids_BxL or inputs_embeds_BxLxD "
@@ -481,6 +501,14 @@ class Llama(nn.Module):
                                  f"expected {(B, L)} to match the inputs")
             mask_BxL = attention_mask_BxL.astype(jnp.bool_)
 
+        if segment_ids_BxL is not None:
+            if cache is not None:
+                raise ValueError("Llama: segment_ids_BxL cannot be combined with a KV cache; "
+                                 "decode packed sequences one row per sequence")
+            if segment_ids_BxL.shape != (B, L):
+                raise ValueError(f"segment_ids_BxL has shape {segment_ids_BxL.shape}, expected "
+                                 f"{(B, L)} to match the inputs")
+
         if cache is None:
             key_mask_BxS = mask_BxL
             query_slots_L = jnp.arange(L)
@@ -499,6 +527,11 @@ class Llama(nn.Module):
             query_slots_L = cache_index + jnp.arange(L)
             layer_cache = (cache["k"], cache["v"])
 
+        same_segment_BxLxL = None
+        if segment_ids_BxL is not None:
+            same_segment_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+        if positions_BxL is None and segment_ids_BxL is not None:
+            positions_BxL = segment_positions(segment_ids_BxL, mask_BxL)
         if positions_BxL is None:
             # Position = number of real tokens before this one in the row.
             counts_BxS = jnp.cumsum(key_mask_BxS.astype(jnp.int32), axis=1) - 1
@@ -517,6 +550,8 @@ class Llama(nn.Module):
                 cached_offsets_LxS = query_slots_L[:, None] - jnp.arange(S)[None, :]
                 allowed_cached_BxLxS = allowed_cached_BxLxS & (cached_offsets_LxS < window)[None]
         allowed_new_BxLxL = causal_LxL[None, :, :] & mask_BxL[:, None, :]
+        if same_segment_BxLxL is not None:
+            allowed_new_BxLxL = allowed_new_BxLxL & same_segment_BxLxL
 
         hidden_BxLxD, new_kv = self.layer_stack(hidden_BxLxD, layer_cache, allowed_new_BxLxL,
                                                 allowed_cached_BxLxS, cos_BxLxE, sin_BxLxE)

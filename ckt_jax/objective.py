@@ -7,7 +7,10 @@
   frozen_params   {"backbone": student backbone, "teacher": teacher params (only if a term needs
                   it)}; wrapped in `stop_gradient`, so no gradient reaches them;
   batch           {"input_ids", "attention_mask", "loss_mask"} int32 `B x L`, where `loss_mask`
-                  marks the reply tokens (the targets), and "is_harmful" int32 `B`;
+                  marks the reply tokens (the targets), and "is_harmful" int32 `B`; with
+                  `cached_teacher_top_k > 0` also the teacher cache fields of
+                  `ckt_jax.teacher_cache.BATCH_FIELDS`, `B x K x k` and `B x K`, aligned with
+                  the scored positions;
   rng             a `jax.random` key, split here for every stochastic term.
 
 `aux` contains every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
@@ -16,7 +19,10 @@ is not computed at all, so switching one off also removes its cost.
 Only reply positions are projected onto the vocabulary: the first `max_target_tokens` positions
 of each row that predict a reply token are gathered from the final hidden states before the
 output projection. The full `B x L x V` logits are never used, so XLA drops them, which cuts the
-vocabulary-side work (projection, softmax, divergence) by `L / max_target_tokens`.
+vocabulary-side work (projection, softmax, divergence) by `L / max_target_tokens`. With
+`vocab_chunk_size > 0` the projection and every per-token term run on that many scored positions
+of each row at a time (`losses.chunked_vocab_map`), so the `B x K x V` logits of the scored
+positions are not held at once either.
 
 Terms (per-token terms are averaged over the scored reply positions):
   ce            next-token cross-entropy on reply tokens (teacher fine-tuning, SFT baseline);
@@ -35,6 +41,7 @@ Terms (per-token terms are averaged over the scored reply positions):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -45,6 +52,10 @@ from ckt_jax.lora import combine_params
 from ckt_jax.model import Llama
 
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
+# Batch keys of the cached teacher top-k (`ckt_jax.teacher_cache`): `B x K x k` token ids,
+# `B x K x k` log-probabilities and `B x K` log-mass outside them.
+TEACHER_CACHE_FIELDS = ("teacher_top_k_indices", "teacher_top_k_log_probs",
+                        "teacher_tail_log_mass")
 HEAD_KEY = "contrastive_head"
 POOLINGS = ("last_prompt", "reply_mean")
 RELATION_METHODS = ("relation", "supcon")
@@ -98,6 +109,14 @@ class ObjectiveConfig:
     adversarial_step_size: float = 0.5
     adversarial_norm: str = "l2"               # "l2" (per sequence) or "linf" (per element).
 
+    # k > 0 takes the kd term from the teacher's cached top-k log-probabilities in the batch
+    # (`sparse_forward_kl`, bucket tail with the exact remainder) instead of its full logits.
+    # The teacher forward still runs when another term needs its hidden states or full logits.
+    cached_teacher_top_k: int = 0
+    # Scored positions per row whose logits are computed at once; 0 projects all of them. Only
+    # memory and speed change: the values agree with 0 up to float rounding.
+    vocab_chunk_size: int = 0
+
     def __post_init__(self):
         choices = {"divergence": tuple(losses.DIVERGENCES), "contrastive_pooling": POOLINGS,
                    "relation_method": RELATION_METHODS, "reduction": REDUCTIONS,
@@ -125,14 +144,28 @@ class ObjectiveConfig:
             raise ValueError(f"consistency_row_stride={self.consistency_row_stride} must be >= 1")
         if self.adversarial_steps < 1:
             raise ValueError(f"adversarial_steps={self.adversarial_steps} must be >= 1")
+        if self.vocab_chunk_size < 0:
+            raise ValueError(f"vocab_chunk_size={self.vocab_chunk_size} must be >= 0")
+        if self.cached_teacher_top_k < 0:
+            raise ValueError(f"cached_teacher_top_k={self.cached_teacher_top_k} must be >= 0")
+        if self.cached_teacher_top_k and self.divergence != "forward_kl":
+            raise ValueError(f"divergence={self.divergence!r} cannot use the teacher cache, "
+                             "which stores only the top-k; use divergence='forward_kl' or turn "
+                             "the teacher cache off")
         if sum(getattr(self, name) for name in WEIGHTS if name != "l2_weight") == 0:
             raise ValueError("every data term has weight 0; set ce_weight or kd_weight > 0")
 
     @property
     def needs_teacher(self) -> bool:
-        return (self.kd_weight > 0 or self.contrastive_weight > 0 or self.relation_weight > 0
+        """Whether the loss runs the teacher forward (a cached kd term does not need it)."""
+        return ((self.kd_weight > 0 and not self.cached_teacher_top_k)
+                or self.contrastive_weight > 0 or self.relation_weight > 0
                 or (self.consistency_weight > 0 and self.consistency_target == "teacher")
                 or (self.adversarial_weight > 0 and self.consistency_target == "teacher"))
+
+    @property
+    def uses_teacher_cache(self) -> bool:
+        return self.kd_weight > 0 and self.cached_teacher_top_k > 0
 
 
 def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
@@ -162,6 +195,34 @@ def pool_representation(hidden_BxKxD: jax.Array, valid_BxK: jax.Array, pooling: 
     return jnp.einsum("bk,bkd->bd", weights, hidden_BxKxD)
 
 
+class _Scored:
+    """Final hidden states `B x K x D` at the scored positions, projected to logits when needed.
+
+    `logits` is computed once and reused by every term, as the unchunked objective needs. The
+    chunked objective passes `hidden` and `project` to `losses.chunked_vocab_map` instead.
+    """
+
+    def __init__(self, project: Callable[[jax.Array], jax.Array], hidden_BxKxD: jax.Array,
+                 logits_BxKxV: jax.Array | None = None):
+        self.project = project
+        self.hidden = hidden_BxKxD
+        self._logits = logits_BxKxV
+
+    @property
+    def logits(self) -> jax.Array:
+        if self._logits is None:
+            self._logits = self.project(self.hidden)
+        return self._logits
+
+    def rows(self, rows: slice) -> "_Scored":
+        logits = None if self._logits is None else self._logits[rows]
+        return _Scored(self.project, self.hidden[rows], logits)
+
+    def stop_gradient(self) -> "_Scored":
+        logits = None if self._logits is None else jax.lax.stop_gradient(self._logits)
+        return _Scored(self.project, jax.lax.stop_gradient(self.hidden), logits)
+
+
 def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                     head: Any | None = None) -> LossFn:
     """Build the pure loss function of the student `student` (a LoRA model) for `cfg`.
@@ -188,6 +249,16 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
     def gather(hidden_BxLxD, positions_BxK):
         return jnp.take_along_axis(hidden_BxLxD, positions_BxK[..., None], axis=1)
 
+    def per_token(fn, sources: dict[str, _Scored], extras: dict | None = None) -> jax.Array:
+        """`fn(logits by source name, extras)`, `B x K`, on all positions or in chunks."""
+        extras = extras or {}
+        if cfg.vocab_chunk_size == 0:
+            return fn({name: source.logits for name, source in sources.items()}, extras)
+        return losses.chunked_vocab_map(
+            fn, {name: source.project for name, source in sources.items()},
+            {name: source.hidden for name, source in sources.items()}, extras,
+            cfg.vocab_chunk_size)
+
     def loss_fn(adapter_params, frozen_params, batch, rng):
         frozen_params = jax.lax.stop_gradient(frozen_params)
         adapter_params = dict(adapter_params)
@@ -206,28 +277,49 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
 
         out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
         student_hidden = gather(out.hidden_BxLxD, positions)
-        student_logits = project(student, params, student_hidden)
+        project_student = functools.partial(project, student, params)
+        student_scores = _Scored(project_student, student_hidden)
 
-        teacher_hidden = teacher_logits = None
+        teacher_hidden = teacher_scores = None
         if cfg.needs_teacher:
             teacher_params = frozen_params["teacher"]
             teacher_out = teacher.apply({"params": teacher_params}, input_ids,
                                         attention_mask_BxL=attention_mask)
             teacher_hidden = gather(teacher_out.hidden_BxLxD, positions)
-            teacher_logits = project(teacher, teacher_params, teacher_hidden)
+            teacher_scores = _Scored(functools.partial(project, teacher, teacher_params),
+                                     teacher_hidden)
 
         # ---- distillation ----------------------------------------------------------------
         if cfg.ce_weight > 0:
             # The target of position t is token t + 1.
             next_ids = jnp.take_along_axis(
                 input_ids, jnp.minimum(positions + 1, input_ids.shape[1] - 1), axis=1)
-            log_probs = jax.nn.log_softmax(student_logits, axis=-1)
-            nll = -jnp.take_along_axis(log_probs, next_ids[..., None], axis=-1)[..., 0]
-            terms["ce"] = reduce(nll, token_weights)
 
-        if cfg.kd_weight > 0:
-            per_token = divergence(student_logits, teacher_logits, temperature=cfg.temperature)
-            terms["kd"] = reduce(per_token, token_weights)
+            def nll(logits, extras):
+                log_probs = jax.nn.log_softmax(logits["student"], axis=-1)
+                return -jnp.take_along_axis(log_probs, extras["next_ids"][..., None],
+                                            axis=-1)[..., 0]
+
+            values = per_token(nll, {"student": student_scores}, {"next_ids": next_ids})
+            terms["ce"] = reduce(values, token_weights)
+
+        if cfg.kd_weight > 0 and cfg.cached_teacher_top_k:
+            def cached_kd(logits, extras):
+                indices, log_probs, tail_log_mass = (extras[k] for k in TEACHER_CACHE_FIELDS)
+                return losses.sparse_forward_kl(logits["student"], indices, log_probs,
+                                                temperature=cfg.temperature,
+                                                teacher_tail_log_mass_BxL=tail_log_mass)
+
+            cached = {name: batch[name] for name in TEACHER_CACHE_FIELDS}
+            values = per_token(cached_kd, {"student": student_scores}, cached)
+            terms["kd"] = reduce(values, token_weights)
+        elif cfg.kd_weight > 0:
+            def kd(logits, _):
+                return divergence(logits["student"], logits["teacher"],
+                                  temperature=cfg.temperature)
+
+            values = per_token(kd, {"student": student_scores, "teacher": teacher_scores})
+            terms["kd"] = reduce(values, token_weights)
 
         if cfg.contrastive_weight > 0 or cfg.relation_weight > 0:
             student_repr = pool_representation(student_hidden, valid, cfg.contrastive_pooling)
@@ -251,20 +343,23 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         needs_embeds = cfg.consistency_weight > 0 or cfg.adversarial_weight > 0
         if needs_embeds:
             embeds = student.apply({"params": params}, input_ids, method="embed")
-            reference = teacher_logits if cfg.consistency_target == "teacher" else student_logits
+            reference = teacher_scores if cfg.consistency_target == "teacher" else student_scores
 
             def perturbed_logits(delta_BxLxD, rows=slice(None)):
                 noisy = student.apply({"params": params},
                                       inputs_embeds_BxLxD=embeds[rows] + delta_BxLxD,
                                       attention_mask_BxL=attention_mask[rows])
-                return project(student, params, gather(noisy.hidden_BxLxD, positions[rows]))
+                return _Scored(project_student, gather(noisy.hidden_BxLxD, positions[rows]))
+
+            def consistency_values(logits, _):
+                if cfg.consistency_target == "teacher":
+                    return losses.teacher_consistency_loss(logits["perturbed"], logits["target"])
+                return losses.consistency_loss(logits["target"], logits["perturbed"])
 
             def consistency(perturbed, target, rows=slice(None)):
-                if cfg.consistency_target == "teacher":
-                    per_token = losses.teacher_consistency_loss(perturbed, target[rows])
-                else:
-                    per_token = losses.consistency_loss(target[rows], perturbed)
-                return reduce(per_token, token_weights[rows])
+                values = per_token(consistency_values,
+                                   {"perturbed": perturbed, "target": target.rows(rows)})
+                return reduce(values, token_weights[rows])
 
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
@@ -275,7 +370,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
 
         if cfg.adversarial_weight > 0:
             adv_key, rng = jax.random.split(rng)
-            fixed_reference = jax.lax.stop_gradient(reference)
+            fixed_reference = reference.stop_gradient()
 
             def inner(delta):
                 return consistency(perturbed_logits(delta), fixed_reference)
@@ -297,11 +392,15 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         if cfg.base_kl_weight > 0:
             base_out = base_model.apply({"params": frozen_params["backbone"]}, input_ids,
                                         attention_mask_BxL=attention_mask)
-            base_logits = project(base_model, frozen_params["backbone"],
-                                  gather(base_out.hidden_BxLxD, positions))
+            project_base = functools.partial(project, base_model, frozen_params["backbone"])
+            base_scores = _Scored(project_base, gather(base_out.hidden_BxLxD, positions))
             benign_B = 1.0 - batch["is_harmful"].astype(jnp.float32)
-            per_token = losses.kl_to_base(student_logits, base_logits)
-            terms["base_kl"] = reduce(per_token, token_weights * benign_B[:, None])
+
+            def base_kl(logits, _):
+                return losses.kl_to_base(logits["student"], logits["base"])
+
+            values = per_token(base_kl, {"student": student_scores, "base": base_scores})
+            terms["base_kl"] = reduce(values, token_weights * benign_B[:, None])
 
         if cfg.l2_weight > 0:
             terms["l2"] = losses.lora_delta_penalty(adapter_params, student.lora.scale)

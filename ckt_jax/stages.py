@@ -8,6 +8,7 @@ once and only when a stage needs them.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -25,7 +26,7 @@ from absl import logging
 from ml_collections import config_dict
 
 from ckt_jax import (batching, checkpoint, distributed, evaluation, lora, losses, metric_writers,
-                     metrics, peft_format, sharding, throughput, trainer, workdir)
+                     metrics, peft_format, sharding, teacher_cache, throughput, trainer, workdir)
 from ckt_jax.data import builder as data_builder
 from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
@@ -43,6 +44,9 @@ TRAIN_SPLITS = ("train_harmful", "train_benign")
 HELDOUT_SPLIT = "eval_heldout_harmful"
 TEACHER_DIR_FILE = "teacher_adapters"
 CHECKPOINT_DIR = "checkpoints"
+# Offsets from config.seed of the teacher's and the student's initialisation and batch order.
+TEACHER_SEED_OFFSET = 101
+DISTILL_SEED_OFFSET = 202
 REMAT_CHOICES = ("none",) + tuple(REMAT_POLICIES)
 
 
@@ -115,6 +119,10 @@ def _validate_values(config) -> None:
     if train.remat not in REMAT_CHOICES:
         raise ValueError(f"config.train.remat={train.remat!r} is unknown; use one of "
                          f"{', '.join(REMAT_CHOICES)}")
+    vocab_chunk_size = train.get("vocab_chunk_size", 0)
+    if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 0:
+        raise ValueError(f"config.train.vocab_chunk_size={vocab_chunk_size!r} is invalid; use 0 "
+                         "(no chunks) or a positive number of positions such as 16")
     if train.grad_accum_steps < 1:
         raise ValueError(f"config.train.grad_accum_steps={train.grad_accum_steps} must be >= 1")
     for section in ("teacher_train", "distill"):
@@ -135,6 +143,7 @@ def _validate_values(config) -> None:
             _lora_config(config[section])
         except ValueError as err:
             raise ValueError(str(err).replace("LoraConfig.", f"config.{section}.lora_")) from None
+    _validate_teacher_cache(config.distill)
     try:
         distill_objective(config)
     except ValueError as err:
@@ -144,6 +153,20 @@ def _validate_values(config) -> None:
         if re.match(r"\w+=", message):
             raise ValueError(f"config.distill.{message}") from None
         raise ValueError(f"config.distill: {message}") from None
+
+
+def _validate_teacher_cache(distill) -> None:
+    cache = distill.get("teacher_cache")
+    if cache is None or not cache.enabled:
+        return
+    for field in ("top_k", "batch_size"):
+        if cache[field] < 1:
+            raise ValueError(f"config.distill.teacher_cache.{field}={cache[field]} must be >= 1")
+    if distill.divergence != "forward_kl":
+        raise ValueError(f"config.distill.divergence={distill.divergence!r} cannot be computed "
+                         "from the teacher cache, which keeps only the top-k; set "
+                         "config.distill.divergence=forward_kl or "
+                         "config.distill.teacher_cache.enabled=False")
 
 
 def resolve_model_spec(spec: str) -> pathlib.Path:
@@ -245,12 +268,42 @@ def _train_record(config) -> dict:
 _NEW_FIELD_DEFAULTS = {"data": {"heldout_fraction": 0.0}, "distill": {"label_noise": 0.0}}
 
 
+# Options added after study cells existed: (the field, its value that leaves training as it
+# was, the field or group dropped at that value). `config_without_added_defaults` drops them,
+# so the config digests of study cells made before they existed still match.
+ADDED_OPTIONS = (
+    (("distill", "teacher_cache", "enabled"), False, ("distill", "teacher_cache")),
+    (("train", "vocab_chunk_size"), 0, ("train", "vocab_chunk_size")),
+)
+
+
+def config_without_added_defaults(values: dict) -> dict:
+    """Return a copy of `config.to_dict()` without the added options at their defaults."""
+    values = copy.deepcopy(values)
+    for field, default, dropped in ADDED_OPTIONS:
+        node = values
+        for part in field[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or node.get(field[-1], default) != default:
+            continue
+        parent = values
+        for part in dropped[:-1]:
+            parent = parent[part]
+        parent.pop(dropped[-1], None)
+    return values
+
+
 def _section_record(config, section: str) -> dict:
     record = _config_record(config, section)
     values = dict(record[section])
     for field, default in _NEW_FIELD_DEFAULTS.get(section, {}).items():
         if values.get(field, default) == default:
             values.pop(field, None)
+    values = config_without_added_defaults({section: values})[section]
+    if "teacher_cache" in values:
+        # The build batch size of the teacher cache does not change the cached values.
+        values["teacher_cache"] = {k: v for k, v in values["teacher_cache"].items()
+                                   if k != "batch_size"}
     return {section: values}
 
 
@@ -453,27 +506,65 @@ def training_examples(ctx: Context, text_noise_rates=None,
     return examples
 
 
+def padding_report(ctx: Context, section_name: str = "distill") -> dict[str, dict[str, float]]:
+    """Measure the padding share of a training stage's batches, as drawn and as packed.
+
+    Draws the `config.<section_name>.steps` batches that the stage trains on (the same seeded
+    stream) and returns `batching.padding_report` for them. Needs the data and targets stages
+    of `ctx.root`; nothing is trained. For example, on a finished main-job work directory:
+
+        config = config_files.load_module("configs/smollm2_cpu.py").get_config()
+        stages.padding_report(stages.Context(config=config, root=pathlib.Path(workdir)))
+    """
+    section = ctx.config[section_name]
+    if section_name == "distill":
+        examples = training_examples(ctx, section.text_noise, section.get("label_noise", 0.0))
+        seed_offset = DISTILL_SEED_OFFSET
+    else:
+        examples, seed_offset = training_examples(ctx), TEACHER_SEED_OFFSET
+    stream = _batch_stream(ctx, section, examples, seed_offset)
+    return batching.padding_report(stream, section.steps, ctx.config.data.max_seq_len)
+
+
 def _lora_config(section) -> LoraConfig:
     targets = tuple(t.strip() for t in str(section.lora_targets).split(",") if t.strip())
     return LoraConfig(rank=section.lora_rank, alpha=section.lora_alpha, targets=targets)
+
+
+def _model_kwargs(train_cfg) -> dict:
+    """Precision and remat settings of the models a training stage runs, from `config.train`."""
+    precision = Precision.from_config(train_cfg)
+    return dict(dtype=precision.compute_dtype, param_dtype=precision.param_dtype,
+                output_dtype=precision.output_dtype, remat=train_cfg.remat != "none",
+                remat_policy="full" if train_cfg.remat == "none" else train_cfg.remat)
+
+
+def _batch_stream(ctx: Context, section, examples: list[batching.Example],
+                  seed_offset: int) -> batching.BatchStream:
+    # A training section may set its own class mix; the data section's is the default.
+    harmful_fraction = section.get("harmful_fraction", ctx.config.data.harmful_fraction)
+    return batching.BatchStream(
+        examples, section.batch_size, harmful_fraction,
+        seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
+        max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
 
 
 def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
                    objective: ObjectiveConfig, frozen_params: dict,
                    teacher_config: LlamaConfig | None, examples: list[batching.Example],
                    seed_offset: int, stage_dir: pathlib.Path, record: dict,
+                   batch_fields=None, identity: dict | None = None,
                    ) -> tuple[Any, list[dict]]:
     """Train LoRA adapters on the frozen backbone; return (adapter params, metrics history).
 
     Training is sharded over `ctx.mesh` and checkpointed into `stage_dir/checkpoints`; a run
-    that finds a checkpoint there resumes from it.
+    that finds a checkpoint there resumes from it. `batch_fields` adds arrays to every batch
+    (see `BatchStream`), and `identity` adds entries to the identity every checkpoint must match.
     """
     model_config, _ = ctx.base
     train_cfg = ctx.config.train
     precision = Precision.from_config(train_cfg)
-    model_kwargs = dict(dtype=precision.compute_dtype, param_dtype=precision.param_dtype,
-                        output_dtype=precision.output_dtype, remat=train_cfg.remat != "none",
-                        remat_policy="full" if train_cfg.remat == "none" else train_cfg.remat)
+    model_kwargs = _model_kwargs(train_cfg)
     student = Llama(model_config, lora=lora_config, **model_kwargs)
     teacher = Llama(teacher_config, **model_kwargs) if teacher_config is not None else None
     if teacher_config is not None:
@@ -501,12 +592,8 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
     schedule = lora.warmup_cosine(section.learning_rate, section.steps, section.warmup_steps)
     optimizer = lora.make_adapter_optimizer(schedule)
     loss_fn = build_objective(student, teacher, objective, head=head)
-    # A training section may set its own class mix; the data section's is the default.
-    harmful_fraction = section.get("harmful_fraction", ctx.config.data.harmful_fraction)
-    batches = batching.BatchStream(
-        examples, section.batch_size, harmful_fraction,
-        seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
-        max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
+    batches = _batch_stream(ctx, section, examples, seed_offset)
+    batches.batch_fields = batch_fields
 
     def flops_per_step(batch_shape: tuple) -> float:
         return throughput.objective_flops(objective, model_config, lora_config, teacher_config,
@@ -525,7 +612,8 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
             accumulation_steps=train_cfg.grad_accum_steps,
             checkpoint_dir=stage_dir / CHECKPOINT_DIR,
             checkpoint_options=checkpoint.CheckpointOptions.from_config(ctx.config.checkpoint),
-            identity={"config": record, "examples": batching.examples_fingerprint(examples)},
+            identity={"config": record, "examples": batching.examples_fingerprint(examples),
+                      **(identity or {})},
             log_every=ctx.config.log_every, flops_per_step=flops_per_step,
             peak_flops_per_device=train_cfg.peak_flops_per_device,
             on_metrics=metric_writers.training_callback(writers, schedule))
@@ -576,9 +664,11 @@ def run_teacher(ctx: Context) -> None:
     adapters, history = train_adapters(
         ctx, name="teacher", section=section, lora_config=_lora_config(section),
         objective=ObjectiveConfig(ce_weight=1.0,
-                                  max_target_tokens=ctx.config.data.max_target_tokens),
+                                  max_target_tokens=ctx.config.data.max_target_tokens,
+                                  vocab_chunk_size=ctx.config.train.get("vocab_chunk_size", 0)),
         frozen_params={"backbone": base_params}, teacher_config=None,
-        examples=training_examples(ctx), seed_offset=101, stage_dir=out_dir, record=record)
+        examples=training_examples(ctx), seed_offset=TEACHER_SEED_OFFSET, stage_dir=out_dir,
+        record=record)
     _finish_training_stage(out_dir, out_dir / TEACHER_DIR_FILE, adapters, history, record)
 
 
@@ -639,7 +729,11 @@ def distill_objective(config) -> ObjectiveConfig:
     """Build the student's objective from every `config.distill` field that names an ObjectiveConfig field."""
     known = {field.name for field in dataclasses.fields(ObjectiveConfig)}
     settings = {k: v for k, v in config.distill.items() if k in known}
-    return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens)
+    cache = config.distill.get("teacher_cache")
+    if cache is not None and cache.enabled:
+        settings["cached_teacher_top_k"] = cache.top_k
+    return ObjectiveConfig(**settings, max_target_tokens=config.data.max_target_tokens,
+                           vocab_chunk_size=config.train.get("vocab_chunk_size", 0))
 
 
 def run_distill(ctx: Context) -> None:
@@ -653,15 +747,56 @@ def run_distill(ctx: Context) -> None:
     sharding.check_model_fits_mesh(model_config, ctx.mesh, "student")
     sharding.check_batch_fits_mesh(section.batch_size, ctx.mesh, ctx.config.train.grad_accum_steps,
                                    field="distill.batch_size")
+    objective = distill_objective(ctx.config)
+    examples = training_examples(ctx, ctx.config.distill.text_noise,
+                                 ctx.config.distill.get("label_noise", 0.0))
     frozen = {"backbone": base_params, "teacher": teacher_params(ctx)}
+    batch_fields, identity = None, {}
+    if objective.uses_teacher_cache:
+        cache, fingerprint = _teacher_cache(ctx, objective, examples, frozen["teacher"],
+                                            seed_offset=DISTILL_SEED_OFFSET)
+        batch_fields, identity = cache.batch_fields, {"teacher_cache": fingerprint}
+        if not objective.needs_teacher:
+            # No term runs the teacher any more, so its weights stay off the devices.
+            del frozen["teacher"]
     adapters, history = train_adapters(
         ctx, name="distill", section=section, lora_config=_lora_config(section),
-        objective=distill_objective(ctx.config), frozen_params=frozen,
-        teacher_config=teacher_model_config(ctx),
-        examples=training_examples(ctx, ctx.config.distill.text_noise,
-                                   ctx.config.distill.get("label_noise", 0.0)),
-        seed_offset=202, stage_dir=out_dir, record=record)
+        objective=objective, frozen_params=frozen, teacher_config=teacher_model_config(ctx),
+        examples=examples, seed_offset=DISTILL_SEED_OFFSET, stage_dir=out_dir, record=record,
+        batch_fields=batch_fields, identity=identity)
     _finish_training_stage(out_dir, out_dir / "adapters", adapters, history, record)
+
+
+def _teacher_cache(ctx: Context, objective: ObjectiveConfig, examples: list[batching.Example],
+                   teacher_weights, seed_offset: int) -> tuple[teacher_cache.TeacherCache, str]:
+    """Load or build the teacher cache for the examples that the distill batches draw."""
+    section = ctx.config.distill
+    teacher_config = teacher_model_config(ctx)
+    top_k = section.teacher_cache.top_k
+    if top_k > teacher_config.vocab_size:
+        raise ValueError(f"config.distill.teacher_cache.top_k={top_k} exceeds the vocabulary "
+                         f"size {teacher_config.vocab_size}; use at most that")
+    precision = Precision.from_config(ctx.config.train)
+    model_kwargs = _model_kwargs(ctx.config.train)
+    teacher = Llama(teacher_config, **model_kwargs)
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(precision.param_dtype), tree)
+    teacher_weights = cast(teacher_weights)
+    settings = teacher_cache.CacheSettings(
+        top_k=top_k, temperature=objective.temperature,
+        max_target_tokens=objective.max_target_tokens,
+        batch_size=section.teacher_cache.batch_size)
+    fingerprint = teacher_cache.cache_fingerprint(
+        teacher_params=teacher_weights, teacher=teacher,
+        examples_fingerprint=batching.examples_fingerprint(examples), settings=settings)
+    needed = _batch_stream(ctx, section, examples, seed_offset).drawn_examples(section.steps)
+    model_config, base_params = ctx.base
+    # The student starts as the base model (LoRA B is zero), so the KL error logged at build
+    # time is the one of the first training step.
+    reference = (Llama(model_config, **model_kwargs), cast(base_params))
+    cache = teacher_cache.load_or_build(
+        teacher_cache.cache_directory(ctx.root, fingerprint), fingerprint, examples, needed,
+        settings, teacher, teacher_weights, ctx.tokenizer.pad_id, reference=reference)
+    return cache, fingerprint
 
 
 def student_params(ctx: Context):

@@ -186,7 +186,7 @@ def _cell_record(config, cell: Cell) -> dict:
 
 def config_digest(cell_cfg) -> str:
     """Hash a cell's config without its names; cells that train the same student get one digest."""
-    fields = cell_cfg.to_dict()
+    fields = stages.config_without_added_defaults(cell_cfg.to_dict())
     for name in ("student_name", "study"):
         fields.pop(name, None)
     text = json.dumps(fields, sort_keys=True, default=str)

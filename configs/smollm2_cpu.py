@@ -89,6 +89,13 @@ def get_config() -> config_dict.ConfigDict:
     c.distill.adversarial_epsilon = 1.0   # Ball radius (L2 per sequence, or per element for linf).
     c.distill.adversarial_step_size = 0.5  # Ascent step length (same norm as the epsilon).
     c.distill.adversarial_norm = "l2"     # l2 or linf.
+    # Teacher cache: the teacher's top-k log-probabilities on the scored reply tokens of the
+    # examples the run draws, computed once into <workdir>/teacher_cache/ and read by the kd term
+    # (sparse forward KL) instead of a teacher forward every step.
+    c.distill.teacher_cache = config_dict.ConfigDict()
+    c.distill.teacher_cache.enabled = False  # Distil kd from the cache (needs divergence forward_kl).
+    c.distill.teacher_cache.top_k = 32       # Teacher tokens kept per scored position.
+    c.distill.teacher_cache.batch_size = 8   # Examples per teacher forward while building the cache.
     # Text noise in the student's training prompts (the teacher trains on clean text).
     c.distill.text_noise = config_dict.ConfigDict()
     c.distill.text_noise.typo_rate = 0.0        # Share of letters given a typo.
@@ -108,7 +115,15 @@ def get_config() -> config_dict.ConfigDict:
 
     c.train = config_dict.ConfigDict()
     c.train.grad_accum_steps = 1         # Micro-batches per optimizer step (divides batch_size).
-    c.train.remat = "none"               # Layer recomputation: none, full, dots or dots_no_batch.
+    # Layer recomputation in the backward pass. none keeps every activation (most memory, least
+    # compute). full keeps only each layer's input and recomputes the layer. dots keeps the
+    # results of all matrix products. dots_no_batch keeps the projection products but recomputes
+    # the attention scores and their weighted sums.
+    c.train.remat = "none"
+    # Scored positions per row whose vocabulary logits exist at once in the loss. The projection,
+    # log-softmax and divergences run chunk by chunk, and the backward pass recomputes each
+    # chunk, so the B x K x V float32 logits of a term are never all in memory. 0 = no chunks.
+    c.train.vocab_chunk_size = 0
     c.train.param_dtype = "float32"      # Storage dtype of the frozen backbone and teacher.
     c.train.compute_dtype = "float32"    # Activations and matrix products (bfloat16 on TPU/GPU).
     c.train.output_dtype = "float32"     # Logits; every loss is computed in float32 anyway.

@@ -8,6 +8,7 @@ from ckt_jax.losses.adversarial import (
         freelb_average_loss,
         project_to_ball,
 )
+from ckt_jax.losses.chunked import chunked_vocab_map
 from ckt_jax.losses.contrastive import (
         CONTRASTIVE_HEAD,
         ProjectionHead,
@@ -50,5 +51,5 @@ __all__ = [
         "CONTRASTIVE_HEAD", "ProjectionHead", "apply_projection_head", "info_nce",
         "init_projection_head", "pool_hidden", "relation_matching", "supervised_contrastive",
         "kl_to_base", "teacher_consistency_loss", "sparse_forward_kl", "teacher_top_k",
-        "teacher_tail_log_mass",
+        "teacher_tail_log_mass", "chunked_vocab_map",
 ]
