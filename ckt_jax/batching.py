@@ -176,17 +176,23 @@ def padding_share(batches: Sequence[Sequence[Example]], pad_multiple: int, max_s
 
 
 def padding_report(stream: "BatchStream", count: int, max_seq_len: int,
-                   pad_multiples: Sequence[int] = (64, 16, 1)) -> dict[str, dict[str, float]]:
+                   pad_multiples: Sequence[int] = (64, 16, 1),
+                   bucketed: "BatchStream | None" = None) -> dict[str, dict[str, float]]:
     """Compare the padding share of the first `count` batches of `stream` under several layouts.
 
     The batches are those a training run draws (sorted by length within pools, so they are
     already bucketed by length). Keys: `padded_to_<m>` pads every batch to a multiple of `m`
     tokens (64 is what training uses), and `packed` packs each batch into rows of
-    `max_seq_len` tokens, so only the last row of a batch carries much padding.
+    `max_seq_len` tokens, so only the last row of a batch carries much padding. With
+    `bucketed`, a stream of the same examples that sorts by length over another number of
+    batches, `bucketed` is its first `count` batches padded as that stream pads them.
     """
     batches = stream.drawn_batches(count)
     report = {f"padded_to_{m}": padding_share(batches, m, max_seq_len) for m in pad_multiples}
     report["packed"] = padding_share(batches, 1, max_seq_len, pack=True)
+    if bucketed is not None:
+        report["bucketed"] = padding_share(bucketed.drawn_batches(count),
+                                           bucketed.pad_multiple, max_seq_len)
     return report
 
 
@@ -230,6 +236,14 @@ def balanced_example_batches(examples: Sequence[Example], batch_size: int,
         raise ValueError(f"harmful_fraction={harmful_fraction} is outside [0, 1]")
     labels = ("harmful", "benign")
     groups = {False: 1.0 - wrapped_fraction, True: wrapped_fraction}
+    # A group whose share of the pool rounds to 0 batches would never be drawn, and with every
+    # group at 0 the generator would loop without yielding.
+    for wrapped, share in groups.items():
+        if share > 0 and int(round(pool_batches * share)) == 0:
+            kind = "wrapped" if wrapped else "plain"
+            least = math.floor(0.5 / share) + 1
+            raise ValueError(f"pool_batches={pool_batches} gives the {kind} group (share "
+                             f"{share}) no batch per pool; use at least {least}")
     streams = {}
     for wrapped, share in groups.items():
         if share == 0:
@@ -292,6 +306,7 @@ class BatchStream:
             examples, batch_size, harmful_fraction, seed, max_seq_len, pool_batches,
             wrapped_fraction)
         self._pad = dict(pad_id=pad_id, pad_multiple=pad_multiple, max_seq_len=max_seq_len)
+        self.pad_multiple = pad_multiple
         self.rows = rows
         self.seed = seed
         self.position = 0

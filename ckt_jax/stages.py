@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import re
 import time
@@ -48,6 +49,9 @@ CHECKPOINT_DIR = "checkpoints"
 TEACHER_SEED_OFFSET = 101
 DISTILL_SEED_OFFSET = 202
 REMAT_CHOICES = ("none",) + tuple(REMAT_POLICIES)
+# Batches whose examples are drawn together and sorted by length (`config.train.
+# length_bucket_batches`); the batch stream used this many before the option existed.
+LENGTH_BUCKET_BATCHES = 16
 
 
 SECTIONS = ("chat", "checkpoint", "data", "distill", "distributed", "eval", "export", "judge",
@@ -123,6 +127,7 @@ def _validate_values(config) -> None:
     if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 0:
         raise ValueError(f"config.train.vocab_chunk_size={vocab_chunk_size!r} is invalid; use 0 "
                          "(no chunks) or a positive number of positions such as 16")
+    _validate_length_buckets(config)
     if train.grad_accum_steps < 1:
         raise ValueError(f"config.train.grad_accum_steps={train.grad_accum_steps} must be >= 1")
     for section in ("teacher_train", "distill"):
@@ -153,6 +158,18 @@ def _validate_values(config) -> None:
         if re.match(r"\w+=", message):
             raise ValueError(f"config.distill.{message}") from None
         raise ValueError(f"config.distill: {message}") from None
+
+
+def _validate_length_buckets(config) -> None:
+    window = config.train.get("length_bucket_batches", LENGTH_BUCKET_BATCHES)
+    wrapped = config.data.wrapped_fraction
+    # Each group (plain and wrapped prompts) needs at least one batch of every window.
+    shares = [share for share in (1.0 - wrapped, wrapped) if share > 0]
+    least = max(math.floor(0.5 / share) + 1 for share in shares)
+    if not isinstance(window, int) or window < least:
+        raise ValueError(f"config.train.length_bucket_batches={window!r} is invalid; use at "
+                         f"least {least} batches for config.data.wrapped_fraction={wrapped}, "
+                         f"for example {LENGTH_BUCKET_BATCHES}")
 
 
 def _validate_teacher_cache(distill) -> None:
@@ -255,12 +272,13 @@ def _targets_record(config) -> dict:
 # stay valid. The mesh, remat and checkpoint settings do not change the results beyond float
 # rounding, so a run may resume with other values.
 _NUMERIC_TRAIN_DEFAULTS = {"grad_accum_steps": 1, "param_dtype": "float32",
-                           "compute_dtype": "float32", "output_dtype": "float32"}
+                           "compute_dtype": "float32", "output_dtype": "float32",
+                           "length_bucket_batches": LENGTH_BUCKET_BATCHES}
 
 
 def _train_record(config) -> dict:
-    return {f"train.{field}": config.train[field] for field, default in
-            _NUMERIC_TRAIN_DEFAULTS.items() if config.train[field] != default}
+    return {f"train.{field}": config.train.get(field, default) for field, default in
+            _NUMERIC_TRAIN_DEFAULTS.items() if config.train.get(field, default) != default}
 
 
 # Data and distill settings added after work directories existed: they enter a record only when
@@ -274,6 +292,8 @@ _NEW_FIELD_DEFAULTS = {"data": {"heldout_fraction": 0.0}, "distill": {"label_noi
 ADDED_OPTIONS = (
     (("distill", "teacher_cache", "enabled"), False, ("distill", "teacher_cache")),
     (("train", "vocab_chunk_size"), 0, ("train", "vocab_chunk_size")),
+    (("train", "length_bucket_batches"), LENGTH_BUCKET_BATCHES,
+     ("train", "length_bucket_batches")),
 )
 
 
@@ -506,12 +526,15 @@ def training_examples(ctx: Context, text_noise_rates=None,
     return examples
 
 
-def padding_report(ctx: Context, section_name: str = "distill") -> dict[str, dict[str, float]]:
+def padding_report(ctx: Context, section_name: str = "distill",
+                   length_bucket_batches: int = 64) -> dict[str, dict[str, float]]:
     """Measure the padding share of a training stage's batches, as drawn and as packed.
 
     Draws the `config.<section_name>.steps` batches that the stage trains on (the same seeded
-    stream) and returns `batching.padding_report` for them. Needs the data and targets stages
-    of `ctx.root`; nothing is trained. For example, on a finished main-job work directory:
+    stream) and returns `batching.padding_report` for them. Its `bucketed` entry is the same
+    number of batches from the stream that `config.train.length_bucket_batches` set to
+    `length_bucket_batches` draws. Needs the data and targets stages of `ctx.root`; nothing is
+    trained. For example, on a finished main-job work directory:
 
         config = config_files.load_module("configs/smollm2_cpu.py").get_config()
         stages.padding_report(stages.Context(config=config, root=pathlib.Path(workdir)))
@@ -523,7 +546,9 @@ def padding_report(ctx: Context, section_name: str = "distill") -> dict[str, dic
     else:
         examples, seed_offset = training_examples(ctx), TEACHER_SEED_OFFSET
     stream = _batch_stream(ctx, section, examples, seed_offset)
-    return batching.padding_report(stream, section.steps, ctx.config.data.max_seq_len)
+    bucketed = _batch_stream(ctx, section, examples, seed_offset, length_bucket_batches)
+    return batching.padding_report(stream, section.steps, ctx.config.data.max_seq_len,
+                                   bucketed=bucketed)
 
 
 def _lora_config(section) -> LoraConfig:
@@ -540,13 +565,23 @@ def _model_kwargs(train_cfg) -> dict:
 
 
 def _batch_stream(ctx: Context, section, examples: list[batching.Example],
-                  seed_offset: int) -> batching.BatchStream:
+                  seed_offset: int, length_bucket_batches: int | None = None,
+                  ) -> batching.BatchStream:
+    """Build the seeded batch stream of a training section.
+
+    `length_bucket_batches` overrides `config.train.length_bucket_batches`, the number of
+    batches whose examples are sorted by length together.
+    """
     # A training section may set its own class mix; the data section's is the default.
     harmful_fraction = section.get("harmful_fraction", ctx.config.data.harmful_fraction)
+    if length_bucket_batches is None:
+        length_bucket_batches = ctx.config.train.get("length_bucket_batches",
+                                                     LENGTH_BUCKET_BATCHES)
     return batching.BatchStream(
         examples, section.batch_size, harmful_fraction,
         seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
-        max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction)
+        max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction,
+        pool_batches=length_bucket_batches)
 
 
 def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,

@@ -115,6 +115,10 @@ def get_config() -> config_dict.ConfigDict:
 
     c.train = config_dict.ConfigDict()
     c.train.grad_accum_steps = 1         # Micro-batches per optimizer step (divides batch_size).
+    # Batches whose examples are drawn together, sorted by length within each class and cut into
+    # batches (then shuffled), so a batch pads little; every batch keeps its harmful share. A
+    # larger window pads a little less but repeats an example within a batch more often.
+    c.train.length_bucket_batches = 16
     # Layer recomputation in the backward pass. none keeps every activation (most memory, least
     # compute). full keeps only each layer's input and recomputes the layer. dots keeps the
     # results of all matrix products. dots_no_batch keeps the projection products but recomputes

@@ -140,3 +140,33 @@ def test_harmful_counts_prefixes_stay_within_one_row():
         # Drawing the stream in pieces gives the same counts as drawing it at once.
         assert harmful_counts(0, 20, 8, fraction) + harmful_counts(20, 30, 8, fraction) == counts
     assert harmful_counts(0, 4, 8, 0.5) == [4, 4, 4, 4]
+
+
+def test_wider_length_buckets_keep_class_share_and_pad_less():
+    from ckt_jax.batching import balanced_example_batches, harmful_counts, padding_share
+
+    rng = np.random.default_rng(3)
+    examples = make_examples(400, "harmful", rng) + make_examples(400, "benign", rng)
+    shares = {}
+    for window in (2, 16, 64):
+        batches = balanced_example_batches(examples, 8, 0.375, seed=5, max_seq_len=256,
+                                           pool_batches=window)
+        drawn = [next(batches) for _ in range(128)]
+        # Every window of batches holds the harmful rows of the same stretch of the stream.
+        assert sorted(sum(e.label == "harmful" for e in b) for b in drawn) == sorted(
+            harmful_counts(0, 128, 8, 0.375))
+        shares[window] = padding_share(drawn, 1, 256)["padding_share"]
+    assert shares[64] < shares[16] < shares[2]
+
+
+def test_length_bucket_window_too_small_rejected():
+    import pytest
+
+    from ckt_jax.batching import balanced_example_batches
+
+    rng = np.random.default_rng(4)
+    examples = make_examples(8, "harmful", rng) + make_examples(8, "benign", rng)
+    batches = balanced_example_batches(examples, 4, 0.5, seed=0, max_seq_len=256,
+                                       pool_batches=1, wrapped_fraction=0.5)
+    with pytest.raises(ValueError, match="pool_batches=1 gives the plain group .* use at least 2"):
+        next(batches)

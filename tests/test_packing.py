@@ -133,3 +133,36 @@ def test_noise_scaled_per_segment():
     # Without segment ids the whole row counts as one sequence of 9 tokens.
     row_scale = np.asarray(losses.length_scaled_noise(key, embeds, mask, alpha=5.0) / unit)
     np.testing.assert_allclose(row_scale[0, :9, 0], 5.0 / np.sqrt(9 * 6), rtol=1e-5)
+
+
+def test_padding_report_bucketed_entry():
+    lengths = np.random.default_rng(3).integers(8, 60, size=200)
+    examples = make_examples(lengths.tolist())
+    settings = dict(batch_size=8, harmful_fraction=0.5, seed=0, pad_id=0, max_seq_len=64,
+                    pad_multiple=1)
+    stream = batching.BatchStream(examples, pool_batches=2, **settings)
+    bucketed = batching.BatchStream(examples, pool_batches=32, **settings)
+    report = batching.padding_report(stream, count=32, max_seq_len=64, bucketed=bucketed)
+    assert report["bucketed"]["real_tokens"] > 0
+    assert report["bucketed"]["padding_share"] < report["padded_to_1"]["padding_share"]
+
+
+def test_length_buckets_leave_records_and_digest():
+    from ckt_jax import config_files, docs, stages, studies
+
+    config = config_files.load_module(docs.CONFIG_PATH).get_config()
+    record = stages._distill_record(config)
+    digest = studies.config_digest(config)
+    # A config written before the option existed has the same record and digest.
+    del config.train["length_bucket_batches"]
+    assert stages._distill_record(config) == record
+    assert studies.config_digest(config) == digest
+    config.train.length_bucket_batches = 64
+    stages.validate_config(config)
+    assert stages._distill_record(config)["train.length_bucket_batches"] == 64
+    assert stages._teacher_record(config)["train.length_bucket_batches"] == 64
+    assert studies.config_digest(config) != digest
+    config.train.length_bucket_batches = 1
+    with pytest.raises(ValueError, match=r"config.train.length_bucket_batches=1 is invalid; use "
+                                         r"at least 2 batches"):
+        stages.validate_config(config)
