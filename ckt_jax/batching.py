@@ -125,18 +125,48 @@ def pack_batch(examples: Sequence[Example], pad_id: int, max_seq_len: int,
     Returns the arrays of `pad_batch` for the R rows that `pack_examples` needs, where example
     i of `examples` is segment i + 1 of its row and padding is segment 0. `is_harmful` stays
     per example (length `len(examples)`), and `example_row` and `example_start` (also per
-    example) give the row and the first slot of each example.
-
-    TODO: `objective.build_objective` and `BatchStream` do not take packed batches yet. The
-    objective still gathers scored positions, pools and reduces per row, not per segment.
+    example) give the row and the first slot of each example. `objective.build_objective`
+    scores these batches per example.
     """
     length = max(max_seq_len, max(len(e.input_ids) for e in examples))
     rows = pack_examples(examples, length)
+    return _packed_arrays(examples, rows, length, len(rows), pad_id)
+
+
+def packed_row_length(examples: Sequence[Example], num_rows: int, pad_multiple: int) -> int:
+    """Return the shortest multiple of `pad_multiple` whose rows fit `examples` in `num_rows`.
+
+    Rows are filled by `pack_examples`. The search stops at the longest example's length times
+    the examples per row, a length that always fits.
+    """
+    if num_rows < 1:
+        raise ValueError(f"num_rows={num_rows} must be >= 1")
+    longest = max(len(e.input_ids) for e in examples)
+    length = int(math.ceil(longest / pad_multiple) * pad_multiple)
+    while len(pack_examples(examples, length)) > num_rows:
+        length += pad_multiple
+    return length
+
+
+def pack_batch_rows(examples: Sequence[Example], pad_id: int, num_rows: int,
+                    pad_multiple: int) -> dict[str, np.ndarray]:
+    """Pack examples into exactly `num_rows` rows, as short as a multiple of `pad_multiple` allows.
+
+    Returns the arrays of `pack_batch`. Rows that `pack_examples` leaves empty are all padding
+    (segment 0), so every batch of a run has `num_rows` rows and one of a few row lengths, and
+    jit compiles one step per row length.
+    """
+    length = packed_row_length(examples, num_rows, pad_multiple)
+    return _packed_arrays(examples, pack_examples(examples, length), length, num_rows, pad_id)
+
+
+def _packed_arrays(examples: Sequence[Example], rows: Sequence[Sequence[int]], length: int,
+                   num_rows: int, pad_id: int) -> dict[str, np.ndarray]:
     batch = {
-        "input_ids": np.full((len(rows), length), pad_id, np.int32),
-        "attention_mask": np.zeros((len(rows), length), np.int32),
-        "loss_mask": np.zeros((len(rows), length), np.int32),
-        "segment_ids": np.zeros((len(rows), length), np.int32),
+        "input_ids": np.full((num_rows, length), pad_id, np.int32),
+        "attention_mask": np.zeros((num_rows, length), np.int32),
+        "loss_mask": np.zeros((num_rows, length), np.int32),
+        "segment_ids": np.zeros((num_rows, length), np.int32),
         "is_harmful": np.asarray([e.label == "harmful" for e in examples], np.int32),
         "example_row": np.zeros(len(examples), np.int32),
         "example_start": np.zeros(len(examples), np.int32),
@@ -157,15 +187,18 @@ def pack_batch(examples: Sequence[Example], pad_id: int, max_seq_len: int,
 
 
 def padding_share(batches: Sequence[Sequence[Example]], pad_multiple: int, max_seq_len: int,
-                  pack: bool = False) -> dict[str, float]:
-    """Measure the padding of `batches` as `pad_batch` (or `pack_batch` with `pack`) lays them out.
+                  pack: bool = False, pack_rows: int = 0) -> dict[str, float]:
+    """Measure the padding of `batches` as `pad_batch` (or `pack_batch` with `pack`, or
+    `pack_batch_rows` with `pack_rows` rows and `pad_multiple`) lays them out.
 
     Returns `real_tokens`, `slots` (rows x length, summed over batches) and `padding_share`,
     the share of slots that contain padding.
     """
     real, slots = 0, 0
     for examples in batches:
-        if pack:
+        if pack_rows:
+            shape = (pack_rows, packed_row_length(examples, pack_rows, pad_multiple))
+        elif pack:
             shape = pack_batch(examples, 0, max_seq_len)["input_ids"].shape
         else:
             shape = pad_batch(examples, 0, pad_multiple, max_seq_len)["input_ids"].shape
@@ -177,7 +210,8 @@ def padding_share(batches: Sequence[Sequence[Example]], pad_multiple: int, max_s
 
 def padding_report(stream: "BatchStream", count: int, max_seq_len: int,
                    pad_multiples: Sequence[int] = (64, 16, 1),
-                   bucketed: "BatchStream | None" = None) -> dict[str, dict[str, float]]:
+                   bucketed: "BatchStream | None" = None,
+                   pack_rows: Sequence[int] = ()) -> dict[str, dict[str, float]]:
     """Compare the padding share of the first `count` batches of `stream` under several layouts.
 
     The batches are those a training run draws (sorted by length within pools, so they are
@@ -185,11 +219,16 @@ def padding_report(stream: "BatchStream", count: int, max_seq_len: int,
     tokens (64 is what training uses), and `packed` packs each batch into rows of
     `max_seq_len` tokens, so only the last row of a batch carries much padding. With
     `bucketed`, a stream of the same examples that sorts by length over another number of
-    batches, `bucketed` is its first `count` batches padded as that stream pads them.
+    batches, `bucketed` is its first `count` batches padded as that stream pads them. For
+    each `r` in `pack_rows`, `packed_<r>_rows` packs each batch into `r` rows of a multiple of
+    the stream's pad multiple (`pack_batch_rows`), as training with `train.pack_rows=r` does.
     """
     batches = stream.drawn_batches(count)
     report = {f"padded_to_{m}": padding_share(batches, m, max_seq_len) for m in pad_multiples}
     report["packed"] = padding_share(batches, 1, max_seq_len, pack=True)
+    for rows in pack_rows:
+        report[f"packed_{rows}_rows"] = padding_share(batches, stream.pad_multiple, max_seq_len,
+                                                      pack_rows=rows)
     if bucketed is not None:
         report["bucketed"] = padding_share(bucketed.drawn_batches(count),
                                            bucketed.pad_multiple, max_seq_len)
@@ -293,7 +332,8 @@ class BatchStream:
     `position` counts the batches taken so far and is stored in training checkpoints. `skip_to`
     replays the seeded example order without padding anything, so a resumed run gets exactly the
     batches an uninterrupted run would have got. `rows` selects the rows of each global batch that
-    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`. `batch_fields`,
+    this process pads (all rows when None); see `ckt_jax.sharding.host_rows`. With
+    `pack_rows > 0` every batch is packed into that many rows (`pack_batch_rows`). `batch_fields`,
     when set, is called with the padded examples and the row length and returns more `B x ...`
     arrays for the batch (the teacher cache uses it).
     """
@@ -301,13 +341,15 @@ class BatchStream:
     def __init__(self, examples: Sequence[Example], batch_size: int, harmful_fraction: float,
                  seed: int, pad_id: int, max_seq_len: int, pad_multiple: int = 64,
                  pool_batches: int = 16, wrapped_fraction: float = 0.0,
-                 rows: Sequence[int] | None = None):
+                 rows: Sequence[int] | None = None, pack_rows: int = 0):
         self._make = lambda: balanced_example_batches(
             examples, batch_size, harmful_fraction, seed, max_seq_len, pool_batches,
             wrapped_fraction)
         self._pad = dict(pad_id=pad_id, pad_multiple=pad_multiple, max_seq_len=max_seq_len)
         self.pad_multiple = pad_multiple
         self.rows = rows
+        self.batch_size = batch_size
+        self.pack_rows = pack_rows
         self.seed = seed
         self.position = 0
         self.batch_fields: Callable[[Sequence[Example], int], dict[str, np.ndarray]] | None = None
@@ -319,10 +361,23 @@ class BatchStream:
     def __next__(self) -> dict[str, np.ndarray]:
         chosen = next(self._batches)
         self.position += 1
+        if self.pack_rows:
+            return self._packed(chosen)
         batch = pad_batch(chosen, rows=self.rows, **self._pad)
         if self.batch_fields is not None:
             padded = chosen if self.rows is None else [chosen[int(i)] for i in self.rows]
             batch.update(self.batch_fields(padded, batch["input_ids"].shape[1]))
+        return batch
+
+    def _packed(self, chosen: Sequence[Example]) -> dict[str, np.ndarray]:
+        # NOTE: a packed batch is laid out from all of its examples at once, so a process
+        # cannot pad only its own rows; packing runs on one process.
+        if self.rows is not None and list(self.rows) != list(range(self.batch_size)):
+            raise ValueError("packed batches cannot be split over processes; set "
+                             "config.train.pack_rows=0 for multi-process training")
+        batch = pack_batch_rows(chosen, self._pad["pad_id"], self.pack_rows, self.pad_multiple)
+        if self.batch_fields is not None:
+            batch.update(self.batch_fields(chosen, batch["input_ids"].shape[1]))
         return batch
 
     def drawn_batches(self, count: int) -> list[list[Example]]:

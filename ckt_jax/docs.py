@@ -56,6 +56,7 @@ UNITS = {
     "mesh.tensor": "devices",
     "train.grad_accum_steps": "micro-batches",
     "train.length_bucket_batches": "batches",
+    "train.pack_rows": "rows per batch",
     "train.vocab_chunk_size": "positions per row",
     "train.peak_flops_per_device": "FLOP/s",
     "checkpoint.every_steps": "steps",

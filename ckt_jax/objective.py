@@ -11,6 +11,9 @@
                   `cached_teacher_top_k > 0` also the teacher cache fields of
                   `ckt_jax.teacher_cache.BATCH_FIELDS`, `B x K x k` and `B x K`, aligned with
                   the scored positions;
+                  packed batches (`batching.pack_batch`) add "segment_ids" `R x L` and
+                  "example_row" `E`: the model inputs have one row per packed row, and
+                  "is_harmful" and the cache fields one row per example;
   rng             a `jax.random` key, split here for every stochastic term.
 
 `aux` contains every term's value (`loss/<term>`) and weight (`weight/<term>`). A term with weight 0
@@ -23,6 +26,11 @@ vocabulary-side work (projection, softmax, divergence) by `L / max_target_tokens
 `vocab_chunk_size > 0` the projection and every per-token term run on that many scored positions
 of each row at a time (`losses.chunked_vocab_map`), so the `B x K x V` logits of the scored
 positions are not held at once either.
+
+On packed rows every term is computed per example as on the unpacked batch of the same
+examples: attention and positions stay within each segment, the scored positions, pooled
+representations and sequence means are taken per example, and the consistency noise is scaled
+per segment. The adversarial term still works per row, so it raises on packed batches.
 
 Terms (per-token terms are averaged over the scored reply positions):
   ce            next-token cross-entropy on reply tokens (teacher fine-tuning, SFT baseline);
@@ -182,6 +190,28 @@ def gather_target_positions(target_mask_BxL: jax.Array, max_targets: int,
     return positions_BxK, valid_BxK.astype(jnp.float32)
 
 
+def packed_target_positions(target_mask_RxL: jax.Array, segment_ids_RxL: jax.Array,
+                            example_row_E: jax.Array, max_targets: int,
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Return (positions_ExK, valid_ExK, mask_ExL): scored positions of each packed example.
+
+    Example `e` is segment `e + 1` of row `example_row_E[e]` (the layout of
+    `batching.pack_batch`). Its scored positions are the first K positions of its row that
+    predict one of its own reply tokens, in order, as `gather_target_positions` finds them for
+    the example alone; `mask_ExL` marks all of them.
+    """
+    # A position that predicts the first token of the next segment scores nothing.
+    same_next_RxL = jnp.concatenate(
+        [segment_ids_RxL[:, 1:] == segment_ids_RxL[:, :-1],
+         jnp.zeros_like(segment_ids_RxL[:, :1], jnp.bool_)], axis=1)
+    target_mask_RxL = target_mask_RxL * same_next_RxL.astype(target_mask_RxL.dtype)
+    example_ids_E = jnp.arange(example_row_E.shape[0]) + 1
+    own_ExL = segment_ids_RxL[example_row_E] == example_ids_E[:, None]
+    mask_ExL = target_mask_RxL[example_row_E] * own_ExL.astype(target_mask_RxL.dtype)
+    positions_ExK, valid_ExK = gather_target_positions(mask_ExL, max_targets)
+    return positions_ExK, valid_ExK, mask_ExL
+
+
 def pool_representation(hidden_BxKxD: jax.Array, valid_BxK: jax.Array, pooling: str) -> jax.Array:
     """Pool gathered reply-position hidden states into one vector per input, `B x D`.
 
@@ -223,6 +253,15 @@ class _Scored:
         return _Scored(self.project, jax.lax.stop_gradient(self.hidden), logits)
 
 
+def _check_packable(cfg: ObjectiveConfig) -> None:
+    """Raise for the terms that do not yet give per-example values on packed rows."""
+    if cfg.adversarial_weight > 0:
+        # TODO: the L2 ball, the random start and the ascent direction are taken per row, so
+        # the examples of a packed row would share one perturbation budget.
+        raise ValueError("adversarial_weight > 0 does not support packed rows; turn packing "
+                         "off or set adversarial_weight=0")
+
+
 def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
                     head: Any | None = None) -> LossFn:
     """Build the pure loss function of the student `student` (a LoRA model) for `cfg`.
@@ -246,8 +285,11 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         logits = model.apply({"params": params}, hidden_BxKxD, method="project")
         return logits.astype(jnp.float32)
 
-    def gather(hidden_BxLxD, positions_BxK):
-        return jnp.take_along_axis(hidden_BxLxD, positions_BxK[..., None], axis=1)
+    def gather(hidden_BxLxD, positions_BxK, rows_B=None):
+        if rows_B is None:
+            return jnp.take_along_axis(hidden_BxLxD, positions_BxK[..., None], axis=1)
+        # Packed rows: example e reads row rows_B[e].
+        return hidden_BxLxD[rows_B[:, None], positions_BxK]
 
     def per_token(fn, sources: dict[str, _Scored], extras: dict | None = None) -> jax.Array:
         """`fn(logits by source name, extras)`, `B x K`, on all positions or in chunks."""
@@ -267,7 +309,19 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         target_mask = losses.next_token_mask(batch["loss_mask"])
-        positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
+        # Packed rows (`batching.pack_batch`) hold several examples each. From here on every
+        # per-example array (`positions`, `valid`, `is_harmful`, the teacher cache fields) has
+        # one row per example, while the model inputs keep one row per packed row.
+        segment_ids = batch.get("segment_ids")
+        example_rows = None
+        if segment_ids is None:
+            positions, valid = gather_target_positions(target_mask, cfg.max_target_tokens)
+        else:
+            _check_packable(cfg)
+            example_rows = batch["example_row"]
+            positions, valid, target_mask = packed_target_positions(
+                target_mask, segment_ids, example_rows, cfg.max_target_tokens)
+        model_kwargs = {} if segment_ids is None else {"segment_ids_BxL": segment_ids}
         # `valid` marks scored positions; `token_weights` also up-weights each row's opening tokens.
         token_weights = valid
         if cfg.opening_tokens > 0:
@@ -275,8 +329,9 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
             token_weights = valid * jnp.where(is_opening_K, cfg.opening_weight, 1.0)[None, :]
         terms: dict[str, jax.Array] = {}
 
-        out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask)
-        student_hidden = gather(out.hidden_BxLxD, positions)
+        out = student.apply({"params": params}, input_ids, attention_mask_BxL=attention_mask,
+                            **model_kwargs)
+        student_hidden = gather(out.hidden_BxLxD, positions, example_rows)
         project_student = functools.partial(project, student, params)
         student_scores = _Scored(project_student, student_hidden)
 
@@ -284,16 +339,19 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         if cfg.needs_teacher:
             teacher_params = frozen_params["teacher"]
             teacher_out = teacher.apply({"params": teacher_params}, input_ids,
-                                        attention_mask_BxL=attention_mask)
-            teacher_hidden = gather(teacher_out.hidden_BxLxD, positions)
+                                        attention_mask_BxL=attention_mask, **model_kwargs)
+            teacher_hidden = gather(teacher_out.hidden_BxLxD, positions, example_rows)
             teacher_scores = _Scored(functools.partial(project, teacher, teacher_params),
                                      teacher_hidden)
 
         # ---- distillation ----------------------------------------------------------------
         if cfg.ce_weight > 0:
             # The target of position t is token t + 1.
-            next_ids = jnp.take_along_axis(
-                input_ids, jnp.minimum(positions + 1, input_ids.shape[1] - 1), axis=1)
+            next_positions = jnp.minimum(positions + 1, input_ids.shape[1] - 1)
+            if example_rows is None:
+                next_ids = jnp.take_along_axis(input_ids, next_positions, axis=1)
+            else:
+                next_ids = input_ids[example_rows[:, None], next_positions]
 
             def nll(logits, extras):
                 log_probs = jax.nn.log_softmax(logits["student"], axis=-1)
@@ -346,10 +404,16 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
             reference = teacher_scores if cfg.consistency_target == "teacher" else student_scores
 
             def perturbed_logits(delta_BxLxD, rows=slice(None)):
+                # `rows` selects examples. A packed batch runs all of its rows (`delta_BxLxD`
+                # covers them all) and scores the selected examples.
+                model_rows = rows if example_rows is None else slice(None)
                 noisy = student.apply({"params": params},
-                                      inputs_embeds_BxLxD=embeds[rows] + delta_BxLxD,
-                                      attention_mask_BxL=attention_mask[rows])
-                return _Scored(project_student, gather(noisy.hidden_BxLxD, positions[rows]))
+                                      inputs_embeds_BxLxD=embeds[model_rows] + delta_BxLxD,
+                                      attention_mask_BxL=attention_mask[model_rows],
+                                      **model_kwargs)
+                rows_E = None if example_rows is None else example_rows[rows]
+                return _Scored(project_student,
+                               gather(noisy.hidden_BxLxD, positions[rows], rows_E))
 
             def consistency_values(logits, _):
                 if cfg.consistency_target == "teacher":
@@ -364,8 +428,12 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         if cfg.consistency_weight > 0:
             noise_key, rng = jax.random.split(rng)
             rows = slice(None, None, cfg.consistency_row_stride)
-            noise = losses.length_scaled_noise(noise_key, embeds[rows], attention_mask[rows],
-                                               cfg.noise_alpha, cfg.noise_distribution)
+            # NOTE: on packed rows the noisy pass runs every packed row, so a stride above 1
+            # saves no compute there; it only selects the examples that are scored.
+            model_rows = rows if segment_ids is None else slice(None)
+            noise = losses.length_scaled_noise(
+                noise_key, embeds[model_rows], attention_mask[model_rows], cfg.noise_alpha,
+                cfg.noise_distribution, segment_ids_BxL=segment_ids)
             terms["consistency"] = consistency(perturbed_logits(noise, rows), reference, rows)
 
         if cfg.adversarial_weight > 0:
@@ -391,9 +459,10 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
         # ---- regularization --------------------------------------------------------------
         if cfg.base_kl_weight > 0:
             base_out = base_model.apply({"params": frozen_params["backbone"]}, input_ids,
-                                        attention_mask_BxL=attention_mask)
+                                        attention_mask_BxL=attention_mask, **model_kwargs)
             project_base = functools.partial(project, base_model, frozen_params["backbone"])
-            base_scores = _Scored(project_base, gather(base_out.hidden_BxLxD, positions))
+            base_scores = _Scored(project_base,
+                                  gather(base_out.hidden_BxLxD, positions, example_rows))
             benign_B = 1.0 - batch["is_harmful"].astype(jnp.float32)
 
             def base_kl(logits, _):

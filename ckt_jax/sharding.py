@@ -199,15 +199,28 @@ def host_rows(sharding: NamedSharding, batch_size: int) -> np.ndarray:
     return np.asarray(sorted(rows), np.int64)
 
 
-class BatchPlacer:
-    """Turn this process's rows of a global batch into global arrays split over data x fsdp."""
+# Arrays of a packed batch with one row per packed row; the others have one row per example.
+PACKED_ROW_KEYS = ("input_ids", "attention_mask", "loss_mask", "segment_ids")
 
-    def __init__(self, mesh: Mesh, global_batch_size: int):
+
+class BatchPlacer:
+    """Turn this process's rows of a global batch into global arrays split over data x fsdp.
+
+    With `packed_rows > 0` the batches are packed (`batching.pack_batch_rows`): the arrays of
+    `PACKED_ROW_KEYS` have `packed_rows` rows and the per-example arrays `global_batch_size`,
+    and each is split over data x fsdp along its own first axis.
+    """
+
+    def __init__(self, mesh: Mesh, global_batch_size: int, packed_rows: int = 0):
         self.sharding = batch_sharding(mesh)
         self.global_batch_size = global_batch_size
         self.rows = host_rows(self.sharding, global_batch_size)
+        self.packed = BatchPlacer(mesh, packed_rows) if packed_rows else None
 
     def __call__(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.packed is not None:
+            return {key: (self.packed if key in PACKED_ROW_KEYS else self)._put(np.asarray(value))
+                    for key, value in local_batch.items()}
         return {key: self._put(np.asarray(value)) for key, value in local_batch.items()}
 
     def _put(self, local_value: np.ndarray) -> jax.Array:

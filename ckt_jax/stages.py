@@ -128,6 +128,7 @@ def _validate_values(config) -> None:
         raise ValueError(f"config.train.vocab_chunk_size={vocab_chunk_size!r} is invalid; use 0 "
                          "(no chunks) or a positive number of positions such as 16")
     _validate_length_buckets(config)
+    _validate_packing(config)
     if train.grad_accum_steps < 1:
         raise ValueError(f"config.train.grad_accum_steps={train.grad_accum_steps} must be >= 1")
     for section in ("teacher_train", "distill"):
@@ -170,6 +171,30 @@ def _validate_length_buckets(config) -> None:
         raise ValueError(f"config.train.length_bucket_batches={window!r} is invalid; use at "
                          f"least {least} batches for config.data.wrapped_fraction={wrapped}, "
                          f"for example {LENGTH_BUCKET_BATCHES}")
+
+
+def _validate_packing(config) -> None:
+    rows = config.train.get("pack_rows", 0)
+    if not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"config.train.pack_rows={rows!r} is invalid; use 0 (one example per "
+                         "row) or a number of packed rows per batch such as 4")
+    if not rows:
+        return
+    for section in ("teacher_train", "distill"):
+        if rows > config[section].batch_size:
+            raise ValueError(f"config.train.pack_rows={rows} exceeds config.{section}.batch_size="
+                             f"{config[section].batch_size}; use at most that many rows")
+    if config.train.grad_accum_steps > 1:
+        raise ValueError(f"config.train.pack_rows={rows} cannot be combined with "
+                         f"config.train.grad_accum_steps={config.train.grad_accum_steps}; set "
+                         "config.train.grad_accum_steps=1 or config.train.pack_rows=0")
+    if config.distributed.num_processes > 1:
+        raise ValueError(f"config.train.pack_rows={rows} works on one process only; set "
+                         "config.train.pack_rows=0 for config.distributed.num_processes="
+                         f"{config.distributed.num_processes}")
+    if config.distill.adversarial_weight > 0:
+        raise ValueError(f"config.train.pack_rows={rows} does not support the adversarial term; "
+                         "set config.distill.adversarial_weight=0 or config.train.pack_rows=0")
 
 
 def _validate_teacher_cache(distill) -> None:
@@ -273,7 +298,9 @@ def _targets_record(config) -> dict:
 # rounding, so a run may resume with other values.
 _NUMERIC_TRAIN_DEFAULTS = {"grad_accum_steps": 1, "param_dtype": "float32",
                            "compute_dtype": "float32", "output_dtype": "float32",
-                           "length_bucket_batches": LENGTH_BUCKET_BATCHES}
+                           "length_bucket_batches": LENGTH_BUCKET_BATCHES,
+                           # Packing changes the shape of the consistency noise draws.
+                           "pack_rows": 0}
 
 
 def _train_record(config) -> dict:
@@ -294,6 +321,7 @@ ADDED_OPTIONS = (
     (("train", "vocab_chunk_size"), 0, ("train", "vocab_chunk_size")),
     (("train", "length_bucket_batches"), LENGTH_BUCKET_BATCHES,
      ("train", "length_bucket_batches")),
+    (("train", "pack_rows"), 0, ("train", "pack_rows")),
 )
 
 
@@ -526,15 +554,15 @@ def training_examples(ctx: Context, text_noise_rates=None,
     return examples
 
 
-def padding_report(ctx: Context, section_name: str = "distill",
-                   length_bucket_batches: int = 64) -> dict[str, dict[str, float]]:
+def padding_report(ctx: Context, section_name: str = "distill", length_bucket_batches: int = 64,
+                   pack_rows: tuple[int, ...] = (2, 4)) -> dict[str, dict[str, float]]:
     """Measure the padding share of a training stage's batches, as drawn and as packed.
 
     Draws the `config.<section_name>.steps` batches that the stage trains on (the same seeded
     stream) and returns `batching.padding_report` for them. Its `bucketed` entry is the same
     number of batches from the stream that `config.train.length_bucket_batches` set to
-    `length_bucket_batches` draws. Needs the data and targets stages of `ctx.root`; nothing is
-    trained. For example, on a finished main-job work directory:
+    `length_bucket_batches` draws, and `packed_<r>_rows` packs each batch into `r` rows for every
+    `r` in `pack_rows`. Needs the data and targets stages of `ctx.root`; nothing is trained. For example, on a finished main-job work directory:
 
         config = config_files.load_module("configs/smollm2_cpu.py").get_config()
         stages.padding_report(stages.Context(config=config, root=pathlib.Path(workdir)))
@@ -548,7 +576,7 @@ def padding_report(ctx: Context, section_name: str = "distill",
     stream = _batch_stream(ctx, section, examples, seed_offset)
     bucketed = _batch_stream(ctx, section, examples, seed_offset, length_bucket_batches)
     return batching.padding_report(stream, section.steps, ctx.config.data.max_seq_len,
-                                   bucketed=bucketed)
+                                   bucketed=bucketed, pack_rows=pack_rows)
 
 
 def _lora_config(section) -> LoraConfig:
@@ -581,7 +609,7 @@ def _batch_stream(ctx: Context, section, examples: list[batching.Example],
         examples, section.batch_size, harmful_fraction,
         seed=ctx.config.seed + seed_offset, pad_id=ctx.tokenizer.pad_id,
         max_seq_len=ctx.config.data.max_seq_len, wrapped_fraction=ctx.config.data.wrapped_fraction,
-        pool_batches=length_bucket_batches)
+        pool_batches=length_bucket_batches, pack_rows=ctx.config.train.get("pack_rows", 0))
 
 
 def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,

@@ -58,6 +58,14 @@ def run_training(
     are added to it here. `on_metrics(step, metrics)` is called after every step. Returns (adapter_params, metrics of steps 1..num_steps).
     """
     sharding_lib.check_batch_fits_mesh(batch_size, mesh, accumulation_steps)
+    packed_rows = getattr(batches, "pack_rows", 0)
+    if packed_rows:
+        sharding_lib.check_batch_fits_mesh(packed_rows, mesh, field="train.pack_rows")
+        if accumulation_steps > 1:
+            # Micro-batches split every array by rows, which breaks the example-to-row map.
+            raise ValueError(f"config.train.pack_rows={packed_rows} cannot be combined with "
+                             f"config.train.grad_accum_steps={accumulation_steps}; set one of "
+                             "them off (0 or 1)")
     adapter_shardings = sharding_lib.param_shardings(adapter_params, mesh)
     frozen_shardings = sharding_lib.param_shardings(frozen_params, mesh)
     shardings = StepShardings(
@@ -78,7 +86,7 @@ def run_training(
             adapter_params, opt_state, frozen_params, rng, start_step, history = _initial_state(
                 name, adapter_params, frozen_params, rng, optimizer, shardings, batches,
                 checkpoints, num_steps)
-            placer = sharding_lib.BatchPlacer(mesh, batch_size)
+            placer = sharding_lib.BatchPlacer(mesh, batch_size, packed_rows)
             batches.rows = placer.rows
             step_fn = make_train_step(loss_fn, optimizer, accumulation_steps=accumulation_steps,
                                       shardings=shardings)

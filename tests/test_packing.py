@@ -166,3 +166,180 @@ def test_length_buckets_leave_records_and_digest():
     with pytest.raises(ValueError, match=r"config.train.length_bucket_batches=1 is invalid; use "
                                          r"at least 2 batches"):
         stages.validate_config(config)
+
+
+PACKED_OBJECTIVES = {
+    "ce_sequence_opening": dict(ce_weight=1.0, reduction="sequence", opening_tokens=2,
+                                opening_weight=3.0),
+    "kd_contrastive_relation_base_kl": dict(kd_weight=1.0, contrastive_weight=0.5,
+                                            relation_weight=0.5, base_kl_weight=0.3,
+                                            temperature=2.0),
+    "reply_mean_supcon_consistency": dict(kd_weight=1.0, contrastive_weight=0.5,
+                                          contrastive_pooling="reply_mean",
+                                          relation_weight=0.5, relation_method="supcon",
+                                          consistency_weight=0.5, consistency_row_stride=2,
+                                          l2_weight=1e-3),
+}
+
+
+def fixed_perturbation(key, embeds_BxLxD, mask_BxL, alpha, distribution="gaussian",
+                       segment_ids_BxL=None):
+    """Noise that depends only on each token's embedding, so it is the same packed or not."""
+    return 0.05 * jnp.sin(7.0 * embeds_BxLxD) * mask_BxL[..., None]
+
+
+@pytest.mark.parametrize("name", sorted(PACKED_OBJECTIVES))
+def test_packed_objective_matches_unpacked(name, monkeypatch):
+    from ckt_jax import lora
+    from ckt_jax.model import LoraConfig
+    from ckt_jax.objective import WEIGHTS, ObjectiveConfig, build_objective
+
+    monkeypatch.setattr(losses, "length_scaled_noise", fixed_perturbation)
+    lora_config = LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down"))
+    student = Llama(TINY, lora=lora_config)
+    full = student.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    adapters, backbone = lora.split_params(full)
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.02, adapters)
+    teacher = Llama(TINY)
+    teacher_params = teacher.init(jax.random.PRNGKey(2), jnp.zeros((1, 8), jnp.int32))["params"]
+    frozen = {"backbone": backbone, "teacher": teacher_params}
+    cfg = ObjectiveConfig(max_target_tokens=5, **PACKED_OBJECTIVES[name])
+    loss_fn = build_objective(student, teacher, cfg)
+
+    examples = make_examples([9, 5, 12, 7, 3, 10])
+    padded = batching.pad_batch(examples, pad_id=0, pad_multiple=1, max_seq_len=24)
+    packed = batching.pack_batch(examples, pad_id=0, max_seq_len=24)
+    assert packed["input_ids"].shape[0] < len(examples)
+
+    def value_and_grad(batch):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        fn = jax.value_and_grad(lambda a: loss_fn(a, frozen, batch, jax.random.PRNGKey(3)),
+                                has_aux=True)
+        return jax.jit(fn)(adapters)
+
+    (loss_padded, aux_padded), grads_padded = value_and_grad(padded)
+    (loss_packed, aux_packed), grads_packed = value_and_grad(packed)
+    terms = [k for k in aux_padded if k.startswith("loss/")]
+    assert len(terms) == len(set(PACKED_OBJECTIVES[name]) & set(WEIGHTS))
+    for key in terms + ["target_tokens", "target_tokens_dropped"]:
+        np.testing.assert_allclose(float(aux_packed[key]), float(aux_padded[key]), rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(float(loss_packed), float(loss_padded), rtol=1e-5, atol=1e-6)
+    for want, got in zip(jax.tree_util.tree_leaves(grads_padded),
+                         jax.tree_util.tree_leaves(grads_packed)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_objective_rejects_adversarial():
+    from ckt_jax.objective import ObjectiveConfig, build_objective
+
+    examples = make_examples([9, 5, 12])
+    batch = {k: jnp.asarray(v) for k, v in
+             batching.pack_batch(examples, pad_id=0, max_seq_len=24).items()}
+    model = Llama(TINY)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    loss_fn = build_objective(model, None, ObjectiveConfig(ce_weight=1.0, adversarial_weight=0.5))
+    with pytest.raises(ValueError, match="adversarial_weight > 0 does not support packed rows"):
+        loss_fn({}, {"backbone": params}, batch, jax.random.PRNGKey(0))
+
+
+def test_pack_batch_rows_fixed_row_count():
+    examples = make_examples([9, 5, 12, 7, 3, 10])
+    batch = batching.pack_batch_rows(examples, pad_id=0, num_rows=2, pad_multiple=8)
+    length = batch["input_ids"].shape[1]
+    assert batch["input_ids"].shape == (2, 24)
+    assert length == batching.packed_row_length(examples, 2, 8)
+    # One pad multiple shorter, the examples need more than 2 rows.
+    assert len(batching.pack_examples(examples, length - 8)) > 2
+    assert batch["attention_mask"].sum() == 46
+    np.testing.assert_array_equal(batch["is_harmful"], [0, 1, 0, 1, 0, 1])
+    for index, example in enumerate(examples):
+        row, start = batch["example_row"][index], batch["example_start"][index]
+        end = start + len(example.input_ids)
+        np.testing.assert_array_equal(batch["input_ids"][row, start:end], example.input_ids)
+        assert np.all(batch["segment_ids"][row, start:end] == index + 1)
+    # More rows than needed leaves whole rows of padding.
+    wide = batching.pack_batch_rows(examples, pad_id=0, num_rows=6, pad_multiple=16)
+    assert wide["input_ids"].shape == (6, 16)
+    assert wide["attention_mask"][-1].sum() == 0
+    with pytest.raises(ValueError, match="num_rows=0 must be >= 1"):
+        batching.pack_batch_rows(examples, pad_id=0, num_rows=0, pad_multiple=8)
+
+
+def test_packed_stream_draws_the_same_examples():
+    lengths = np.random.default_rng(5).integers(8, 40, size=60)
+    examples = make_examples(lengths.tolist())
+    settings = dict(batch_size=8, harmful_fraction=0.375, seed=1, pad_id=0, max_seq_len=64,
+                    pad_multiple=16)
+    padded = batching.BatchStream(examples, **settings)
+    packed = batching.BatchStream(examples, pack_rows=3, **settings)
+    for _ in range(6):
+        plain, rows = next(padded), next(packed)
+        assert rows["input_ids"].shape[0] == 3
+        assert rows["input_ids"].shape[1] % 16 == 0
+        np.testing.assert_array_equal(rows["is_harmful"], plain["is_harmful"])
+        assert int(rows["is_harmful"].sum()) == 3
+        assert rows["attention_mask"].sum() == plain["attention_mask"].sum()
+    other_process = batching.BatchStream(examples, pack_rows=3, rows=[0, 1, 2, 3], **settings)
+    with pytest.raises(ValueError, match="packed batches cannot be split over processes"):
+        next(other_process)
+
+
+def test_packed_training_matches_padded():
+    import tiny_training
+    from ckt_jax import lora, sharding, trainer
+    from ckt_jax.model import LoraConfig
+    from ckt_jax.objective import ObjectiveConfig, build_objective
+
+    setup = tiny_training.build(seed=0, steps=2)
+    student = Llama(LlamaConfig(**tiny_training.TINY_KW),
+                    lora=LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "o", "gate", "down")))
+    loss_fn = build_objective(student, None, ObjectiveConfig(ce_weight=1.0, l2_weight=1e-3,
+                                                             max_target_tokens=16))
+    mesh = sharding.make_mesh(-1, 1, 1)
+    histories = {}
+    for pack_rows in (0, 4):
+        batches = batching.BatchStream(setup["examples"], tiny_training.BATCH_SIZE, 0.5, seed=0,
+                                       pad_id=0, max_seq_len=32, pad_multiple=32,
+                                       pack_rows=pack_rows)
+        _, histories[pack_rows] = trainer.run_training(
+            name="tiny", loss_fn=loss_fn, optimizer=lora.make_adapter_optimizer(1e-2),
+            adapter_params=setup["adapters"], frozen_params={"backbone": setup["frozen"]["backbone"]},
+            batches=batches, batch_size=tiny_training.BATCH_SIZE, num_steps=2,
+            rng=jax.random.PRNGKey(7), mesh=mesh)
+    for padded_step, packed_step in zip(histories[0], histories[4]):
+        for key in ("loss", "loss/ce", "grad_norm", "target_tokens", "tokens"):
+            np.testing.assert_allclose(packed_step[key], padded_step[key], rtol=1e-4, err_msg=key)
+    with pytest.raises(ValueError, match="pack_rows=4 cannot be combined with "
+                                         "config.train.grad_accum_steps=2"):
+        trainer.run_training(
+            name="tiny", loss_fn=loss_fn, optimizer=lora.make_adapter_optimizer(1e-2),
+            adapter_params=setup["adapters"], frozen_params={"backbone": setup["frozen"]["backbone"]},
+            batches=batches, batch_size=tiny_training.BATCH_SIZE, num_steps=2,
+            rng=jax.random.PRNGKey(7), mesh=mesh, accumulation_steps=2)
+
+
+def test_pack_rows_validated_and_recorded():
+    from ckt_jax import config_files, docs, stages, studies
+
+    config = config_files.load_module(docs.CONFIG_PATH).get_config()
+    record = stages._distill_record(config)
+    digest = studies.config_digest(config)
+    del config.train["pack_rows"]
+    assert stages._distill_record(config) == record
+    assert studies.config_digest(config) == digest
+    config.train.pack_rows = 4
+    stages.validate_config(config)
+    assert stages._distill_record(config)["train.pack_rows"] == 4
+    assert studies.config_digest(config) != digest
+    cases = (("train.grad_accum_steps", 2, "cannot be combined with config.train.grad_accum_"),
+             ("distill.adversarial_weight", 0.5, "does not support the adversarial term"),
+             ("train.pack_rows", -1, "config.train.pack_rows=-1 is invalid"),
+             ("train.pack_rows", 9, "exceeds config.teacher_train.batch_size=8"))
+    for field, value, match in cases:
+        changed = config_files.load_module(docs.CONFIG_PATH).get_config()
+        changed.train.pack_rows = 4
+        section, name = field.split(".")
+        changed[section][name] = value
+        with pytest.raises(ValueError, match=match):
+            stages.validate_config(changed)
