@@ -371,7 +371,7 @@ class BatchStream:
 
     def _packed(self, chosen: Sequence[Example]) -> dict[str, np.ndarray]:
         # NOTE: a packed batch is laid out from all of its examples at once, so a process
-        # cannot pad only its own rows; packing runs on one process.
+        # cannot pad only its own rows. Packing runs on one process.
         if self.rows is not None and list(self.rows) != list(range(self.batch_size)):
             raise ValueError("packed batches cannot be split over processes; set "
                              "config.train.pack_rows=0 for multi-process training")

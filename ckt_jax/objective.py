@@ -198,7 +198,7 @@ def packed_target_positions(target_mask_RxL: jax.Array, segment_ids_RxL: jax.Arr
     Example `e` is segment `e + 1` of row `example_row_E[e]` (the layout of
     `batching.pack_batch`). Its scored positions are the first K positions of its row that
     predict one of its own reply tokens, in order, as `gather_target_positions` finds them for
-    the example alone; `mask_ExL` marks all of them.
+    the example alone. `mask_ExL` marks all of them.
     """
     # A position that predicts the first token of the next segment scores nothing.
     same_next_RxL = jnp.concatenate(
@@ -429,7 +429,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
             noise_key, rng = jax.random.split(rng)
             rows = slice(None, None, cfg.consistency_row_stride)
             # NOTE: on packed rows the noisy pass runs every packed row, so a stride above 1
-            # saves no compute there; it only selects the examples that are scored.
+            # saves no compute there. It only selects the examples that are scored.
             model_rows = rows if segment_ids is None else slice(None)
             noise = losses.length_scaled_noise(
                 noise_key, embeds[model_rows], attention_mask[model_rows], cfg.noise_alpha,

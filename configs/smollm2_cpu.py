@@ -116,12 +116,12 @@ def get_config() -> config_dict.ConfigDict:
     c.train = config_dict.ConfigDict()
     c.train.grad_accum_steps = 1         # Micro-batches per optimizer step (divides batch_size).
     # Batches whose examples are drawn together, sorted by length within each class and cut into
-    # batches (then shuffled), so a batch pads little; every batch keeps its harmful share. A
+    # batches (then shuffled), so a batch pads little. Every batch keeps its harmful share. A
     # larger window pads a little less but repeats an example within a batch more often.
     c.train.length_bucket_batches = 16
-    # Rows each batch is packed into, several examples per row, each attending only to itself;
-    # rows are padded to a multiple of 64 tokens. 0 = one example per row. One process only, no
-    # grad_accum_steps and no adversarial term.
+    # Rows each batch is packed into, several examples per row. Each example attends only to
+    # itself, and rows are padded to a multiple of 64 tokens. 0 = one example per row. One
+    # process only, with grad_accum_steps=1 and no adversarial term.
     c.train.pack_rows = 0
     # Layer recomputation in the backward pass. none keeps every activation (most memory, least
     # compute). full keeps only each layer's input and recomputes the layer. dots keeps the
