@@ -377,6 +377,8 @@ class BatchStream:
                              "config.train.pack_rows=0 for multi-process training")
         batch = pack_batch_rows(chosen, self._pad["pad_id"], self.pack_rows, self.pad_multiple)
         if self.batch_fields is not None:
+            # NOTE: no test runs the teacher cache on packed batches yet. Its fields have one
+            # row per example, aligned with the objective's per-example scored positions.
             batch.update(self.batch_fields(chosen, batch["input_ids"].shape[1]))
         return batch
 
