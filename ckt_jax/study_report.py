@@ -40,7 +40,7 @@ def hardware() -> dict:
 
 
 def cpu_model() -> str:
-    """Return the CPU's model name from /proc/cpuinfo, or what `platform` knows elsewhere."""
+    """Return the CPU's model name from /proc/cpuinfo, or `platform`'s processor name elsewhere."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
