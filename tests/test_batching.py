@@ -152,7 +152,7 @@ def test_wider_length_buckets_keep_class_share_and_pad_less():
         batches = balanced_example_batches(examples, 8, 0.375, seed=5, max_seq_len=256,
                                            pool_batches=window)
         drawn = [next(batches) for _ in range(128)]
-        # Every window of batches holds the harmful rows of the same stretch of the stream.
+        # Every window of batches contains the harmful rows of the same stretch of the stream.
         assert sorted(sum(e.label == "harmful" for e in b) for b in drawn) == sorted(
             harmful_counts(0, 128, 8, 0.375))
         shares[window] = padding_share(drawn, 1, 256)["padding_share"]

@@ -63,7 +63,7 @@ def test_page_keeps_study_committed_earlier(tmp_path):
     assert (copies / "kd_weight" / "results.md").exists()
     assert json.loads((copies / "kd_weight" / "results.json").read_text())["study"] == "kd_weight"
 
-    # A later work directory of the same name holds another study only: both stay on the page.
+    # A later work directory of the same name contains another study only: both stay on the page.
     second = tmp_path / "new" / "studies"
     second.mkdir(parents=True)
     make_study(second, "budget")

@@ -5,10 +5,10 @@ against training wall time.
     python -m ckt_jax.main --config configs/studies/budget.py:full --workdir runs/studies_full
 
 CPU size (grid `10,20,40`, 24 prompts per evaluation split, no robustness regeneration) on 2 CPU
-cores: measured 49 min 52 s from an empty work directory, of which the three cells took 20
-minutes and the shared data, targets, teacher, judge and reference evaluations the rest; the
-other studies in the same work directory reuse those, and the 40-step cell is the main config's
-student, which they reuse too. Full size: grid `30,100,300,1000`, every evaluation
+cores: measured 49 min 52 s from an empty work directory. The three cells took 20 minutes and
+the shared data, targets, teacher, judge and reference evaluations the rest. The other studies
+in the same work directory reuse those stages, and the 40-step cell, which is the main config's
+student. Full size: grid `30,100,300,1000`, every evaluation
 prompt.
 """
 
