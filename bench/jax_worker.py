@@ -11,6 +11,7 @@ each compute dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import pathlib
 import sys
@@ -25,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 import common  # noqa: E402
-from ckt_jax import export, lora, losses, peft_format, train  # noqa: E402
+from ckt_jax import export, lora, losses, model, peft_format, train  # noqa: E402
 from ckt_jax.loading import find_smollm2_gguf, load_gguf  # noqa: E402
 from ckt_jax.model import Llama, LlamaConfig, LoraConfig  # noqa: E402
 from ckt_jax.objective import ObjectiveConfig, build_objective  # noqa: E402
@@ -132,11 +133,17 @@ class JaxWorker:
         b = rng.standard_normal((size, size), np.float32)
         result = {"numpy_float32": common.matmul_gflops(
             size, common.best_seconds(lambda: a @ b, repeats))}
-        matmul = jax.jit(jnp.matmul)
-        for dtype in COMPUTE_DTYPES:
+        # The model's products: operands in the compute dtype, accumulated and returned in
+        # float32 (`ckt_jax.model.matmul`). The second bfloat16 product returns bfloat16, a form
+        # that XLA's CPU backend computes in float32 after converting both operands.
+        products = {f"jax_{dtype}": (dtype, jax.jit(functools.partial(model.matmul, "ij,jk->ik",
+                                                                      dtype=dtype)))
+                    for dtype in COMPUTE_DTYPES}
+        products["jax_bfloat16_out"] = ("bfloat16", jax.jit(jnp.matmul))
+        for name, (dtype, product) in products.items():
             x, y = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-            seconds = common.best_seconds(lambda: matmul(x, y).block_until_ready(), repeats)
-            result[f"jax_{dtype}"] = common.matmul_gflops(size, seconds)
+            seconds = common.best_seconds(lambda: product(x, y).block_until_ready(), repeats)
+            result[name] = common.matmul_gflops(size, seconds)
         return result
 
     def setup(self, request: dict) -> dict:
@@ -150,6 +157,7 @@ class JaxWorker:
         self.release({})
         objective = ObjectiveConfig(**request["settings"])
         self.key = jax.random.PRNGKey(request["seed"])
+        self.scan_layers = request.get("scan_layers", False)
         if objective.consistency_weight > 0:
             np.save(request["noise_path"], self.first_step_noise(objective))
         answers = {}
@@ -178,7 +186,7 @@ class JaxWorker:
     def build_variant(self, objective: ObjectiveConfig, compute: str) -> dict:
         precision = train.Precision(compute=compute)
         kwargs = dict(dtype=precision.compute_dtype, param_dtype=precision.param_dtype,
-                      output_dtype=precision.output_dtype)
+                      output_dtype=precision.output_dtype, scan_layers=self.scan_layers)
         student = Llama(self.config, lora=self.lora_config, **kwargs)
         teacher = Llama(self.config, **kwargs) if objective.needs_teacher else None
         loss_fn = build_objective(student, teacher, objective)

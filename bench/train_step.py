@@ -133,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "compiles)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile variant")
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="run ckt_jax's layers as a loop (config.train.scan_layers=True) "
+                             "instead of unrolled, as the CPU config does")
 
     parser.add_argument("--matmul-size", type=positive_int("--matmul-size", 16), default=2048,
                         help="side of the square matrices of the matmul peak")
@@ -264,7 +267,8 @@ def run_objective(name: str, args, workers: dict, config, peaks: dict, workdir) 
           f"{', '.join(torch_variants)} (PyTorch)", flush=True)
     setups = {
         "jax": workers["jax"].request("setup", settings=settings, variants=jax_variants,
-                                      warmup=args.warmup, noise_path=noise_path, seed=args.seed),
+                                      warmup=args.warmup, noise_path=noise_path, seed=args.seed,
+                                      scan_layers=args.scan_layers),
         "torch": workers["torch"].request("setup", settings=settings, variants=torch_variants,
                                           warmup=args.warmup, noise_path=noise_path,
                                           check_variant=check_torch_variant),
@@ -420,7 +424,7 @@ def main(argv=None) -> int:
                            "precisions": args.precisions, "lora_rank": common.LORA_RANK,
                            "lora_alpha": common.LORA_ALPHA, "lora_targets": common.LORA_TARGETS,
                            "learning_rate": common.LEARNING_RATE, "seed": args.seed,
-                           "matmul_size": args.matmul_size}}
+                           "matmul_size": args.matmul_size, "scan_layers": args.scan_layers}}
     start = time.perf_counter()
     status = 0
     from ckt_jax.objective import ObjectiveConfig

@@ -29,6 +29,7 @@ K key/value heads, G query heads per key/value head, E head_dim, I intermediate,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -203,6 +204,53 @@ def _lora_a_init(key, shape, dtype):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_f32_accumulate(spec: str, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_accumulate_fwd(spec, a, b):
+    return _einsum_f32_accumulate(spec, a, b), (a, b)
+
+
+def _einsum_f32_accumulate_bwd(spec, residuals, grad):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    # Both gradient products take operands in the compute dtype and accumulate in float32, like
+    # the forward product. Differentiating the forward einsum directly would pair the float32
+    # cotangent with a bfloat16 operand, and XLA's CPU backend runs such a mixed product in
+    # float32 after converting both operands.
+    grad = grad.astype(a.dtype)
+    grad_a = jnp.einsum(f"{out},{b_spec}->{a_spec}", grad, b, preferred_element_type=jnp.float32)
+    grad_b = jnp.einsum(f"{a_spec},{out}->{b_spec}", a, grad, preferred_element_type=jnp.float32)
+    return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+_einsum_f32_accumulate.defvjp(_einsum_f32_accumulate_fwd, _einsum_f32_accumulate_bwd)
+
+
+def matmul(spec: str, a, b, dtype):
+    """``einsum(spec, a, b)`` with both operands cast to ``dtype``, accumulated in float32.
+
+    Returns float32. The spec names every index explicitly (no ellipsis) and sums no index
+    that appears in only one operand. Below float32, the backward products also take their
+    operands in ``dtype``: a bfloat16 product with a float32 result is the form that XLA's CPU
+    backend hands to its bfloat16 matrix kernels, while any other bfloat16 product runs in
+    float32. In float32 this is a plain einsum.
+    """
+    a, b = a.astype(dtype), b.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return _einsum_f32_accumulate(spec, a, b)
+
+
+def _dense_spec(ndim: int) -> str:
+    """The einsum spec of ``x @ kernel`` for an ``ndim``-dimensional ``x``: e.g. "abz,zy->aby"."""
+    batch = "abcdefgh"[:ndim - 1]
+    return f"{batch}z,zy->{batch}y"
+
+
 class Projection(nn.Module):
     """Dense layer ``x @ kernel`` (plus ``bias`` if ``use_bias``) with an optional LoRA update."""
 
@@ -218,7 +266,8 @@ class Projection(nn.Module):
         kernel = self.param("kernel", nn.initializers.normal(0.02),
                             (in_features, self.features), self.param_dtype)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        spec = _dense_spec(x.ndim)
+        y = matmul(spec, x, kernel, self.dtype).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
@@ -227,7 +276,8 @@ class Projection(nn.Module):
                                 self.param_dtype)
             lora_b = self.param("lora_b", nn.initializers.zeros, (self.lora.rank, self.features),
                                 self.param_dtype)
-            update = jnp.dot(jnp.dot(x, lora_a.astype(self.dtype)), lora_b.astype(self.dtype))
+            down = matmul(spec, x, lora_a, self.dtype).astype(self.dtype)
+            update = matmul(spec, down, lora_b, self.dtype).astype(self.dtype)
             y = y + (self.lora.scale * update).astype(self.dtype)
         return y
 
@@ -310,15 +360,15 @@ class Attention(_Projected):
         # after the layer scan.
         q_BxLxKxGxE = q_BxLxHxE.reshape(B, L, K, G, E)
         scale = 1.0 / math.sqrt(E)
-        scores_BxKxGxLxL = jnp.einsum(
-            "blkge,bmke->bkglm", q_BxLxKxGxE, k_BxLxKxE,
-            preferred_element_type=jnp.float32) * scale
+        scores_BxKxGxLxL = matmul("blkge,bmke->bkglm", q_BxLxKxGxE, k_BxLxKxE,
+                                  self.dtype) * scale
         scores_BxKxGxLxL = jnp.where(allowed_new_BxLxL[:, None, None], scores_BxKxGxLxL,
                                      _MASK_VALUE)
         if layer_cache is None or allowed_cached_BxLxS is None:
             # No cache, or an empty one (a prefill): attend to the new tokens only.
             probs_BxKxGxLxL = jax.nn.softmax(scores_BxKxGxLxL, axis=-1).astype(self.dtype)
-            out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE)
+            out_BxLxKxGxE = matmul("bkglm,bmke->blkge", probs_BxKxGxLxL, v_BxLxKxE,
+                                   self.dtype).astype(self.dtype)
         else:
             cached_k_BxSxKxE, cached_v_BxSxKxE = layer_cache
             S = cached_k_BxSxKxE.shape[1]
@@ -385,7 +435,7 @@ REMAT_POLICIES = {
 }
 
 
-def _layer_stack(config: LlamaConfig, remat: bool, remat_policy: str):
+def _layer_stack(config: LlamaConfig, remat: bool, remat_policy: str, scan: bool = True):
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={remat_policy!r} is unknown; use one of "
                          f"{', '.join(REMAT_POLICIES)}")
@@ -401,6 +451,7 @@ def _layer_stack(config: LlamaConfig, remat: bool, remat_policy: str):
         # The masks and rotary tables are shared by all layers.
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=config.num_layers,
+        unroll=config.num_layers if not scan else 1,
     )
 
 
@@ -425,6 +476,12 @@ class Llama(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False  # rematerialize each layer in the backward pass (jax.checkpoint)
     remat_policy: str = "full"  # what a rematerialized layer keeps: a key of REMAT_POLICIES
+    # Run the layers as a loop over the stacked layer weights (True), or unroll that loop into
+    # straight-line code (False). Both keep the same parameters. A loop compiles one layer
+    # and suits deep models on accelerators. Unrolled compiles every layer, but on XLA's CPU
+    # backend it avoids writing each layer's bfloat16 residuals into a stacked buffer, which
+    # that backend does by converting the whole buffer to float32 and back at every layer.
+    scan_layers: bool = True
     output_dtype: Any = jnp.float32  # dtype of the logits
 
     def setup(self):
@@ -432,7 +489,7 @@ class Llama(nn.Module):
         self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size,
                                  embedding_init=nn.initializers.normal(0.02),
                                  dtype=self.dtype, param_dtype=self.param_dtype, name="embed")
-        self.layer_stack = _layer_stack(cfg, self.remat, self.remat_policy)(
+        self.layer_stack = _layer_stack(cfg, self.remat, self.remat_policy, self.scan_layers)(
             cfg, self.lora, self.dtype, self.param_dtype, name="layers")
         self.final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype,
                                   name="final_norm")
@@ -451,9 +508,8 @@ class Llama(nn.Module):
         states instead of all of them.
         """
         if self.config.tie_word_embeddings:
-            embedding_VxD = self.embedder.embedding.astype(self.dtype)
-            logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD.astype(self.dtype),
-                                      embedding_VxD, preferred_element_type=jnp.float32)
+            logits_BxLxV = matmul("bld,vd->blv", hidden_BxLxD, self.embedder.embedding,
+                                  self.dtype)
         else:
             logits_BxLxV = self.lm_head(hidden_BxLxD)
         return logits_BxLxV.astype(self.output_dtype)

@@ -278,7 +278,7 @@ def build_objective(student: Llama, teacher: Llama | None, cfg: ObjectiveConfig,
     reduce = losses.per_token_mean if cfg.reduction == "token" else losses.per_batch_mean
     base_model = Llama(student.config, dtype=student.dtype, param_dtype=student.param_dtype,
                        remat=student.remat, remat_policy=student.remat_policy,
-                       output_dtype=student.output_dtype)
+                       output_dtype=student.output_dtype, scan_layers=student.scan_layers)
 
     def project(model, params, hidden_BxKxD):
         # Every loss term is computed in float32, whatever the models' output dtype.

@@ -123,6 +123,10 @@ def _validate_values(config) -> None:
     if train.remat not in REMAT_CHOICES:
         raise ValueError(f"config.train.remat={train.remat!r} is unknown; use one of "
                          f"{', '.join(REMAT_CHOICES)}")
+    scan_layers = train.get("scan_layers", True)
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"config.train.scan_layers={scan_layers!r} is not a bool; use True (a "
+                         "loop over the layers) or False (the layers unrolled)")
     vocab_chunk_size = train.get("vocab_chunk_size", 0)
     if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 0:
         raise ValueError(f"config.train.vocab_chunk_size={vocab_chunk_size!r} is invalid; use 0 "
@@ -322,6 +326,7 @@ ADDED_OPTIONS = (
     (("train", "length_bucket_batches"), LENGTH_BUCKET_BATCHES,
      ("train", "length_bucket_batches")),
     (("train", "pack_rows"), 0, ("train", "pack_rows")),
+    (("train", "scan_layers"), True, ("train", "scan_layers")),
 )
 
 
@@ -589,7 +594,8 @@ def _model_kwargs(train_cfg) -> dict:
     precision = Precision.from_config(train_cfg)
     return dict(dtype=precision.compute_dtype, param_dtype=precision.param_dtype,
                 output_dtype=precision.output_dtype, remat=train_cfg.remat != "none",
-                remat_policy="full" if train_cfg.remat == "none" else train_cfg.remat)
+                remat_policy="full" if train_cfg.remat == "none" else train_cfg.remat,
+                scan_layers=train_cfg.get("scan_layers", True))
 
 
 def _batch_stream(ctx: Context, section, examples: list[batching.Example],

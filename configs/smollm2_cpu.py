@@ -128,6 +128,11 @@ def get_config() -> config_dict.ConfigDict:
     # results of all matrix products. dots_no_batch keeps the projection products but recomputes
     # the attention scores and their weighted sums.
     c.train.remat = "none"
+    # Run the decoder layers as a loop over stacked weights (True) or unrolled (False). The
+    # parameters are the same either way. On CPU, unrolled steps are faster (3.35 s against
+    # 3.6 s for a float32 SmolLM2 step of 4 x 256 tokens; in bfloat16 the loop is twice as
+    # slow), at twice the compile time. On accelerators, a loop compiles faster for deep models.
+    c.train.scan_layers = False
     # Scored positions per row whose vocabulary logits exist at once in the loss. The projection,
     # log-softmax and divergences run chunk by chunk, and the backward pass recomputes each
     # chunk, so the B x K x V float32 logits of a term are never all in memory. 0 = no chunks.

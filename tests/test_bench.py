@@ -35,7 +35,7 @@ def test_train_step_report_keys(tiny_report):
     assert set(report) >= {"objectives", "peaks", "hardware", "settings"}
     assert set(report["objectives"]) == set(OBJECTIVES)
     assert set(report["peaks"]) == {"numpy_float32", "jax_float32", "jax_bfloat16",
-                                    "torch_float32", "torch_bfloat16"}
+                                    "jax_bfloat16_out", "torch_float32", "torch_bfloat16"}
     for name in OBJECTIVES:
         result = report["objectives"][name]
         for key in ("jax_s_per_step", "torch_best_s_per_step", "torch_best_variant", "ratio",
