@@ -158,6 +158,7 @@ class JaxWorker:
         objective = ObjectiveConfig(**request["settings"])
         self.key = jax.random.PRNGKey(request["seed"])
         self.scan_layers = request.get("scan_layers", False)
+        self.remat = request.get("remat", "none")
         if objective.consistency_weight > 0:
             np.save(request["noise_path"], self.first_step_noise(objective))
         answers = {}
@@ -186,7 +187,9 @@ class JaxWorker:
     def build_variant(self, objective: ObjectiveConfig, compute: str) -> dict:
         precision = train.Precision(compute=compute)
         kwargs = dict(dtype=precision.compute_dtype, param_dtype=precision.param_dtype,
-                      output_dtype=precision.output_dtype, scan_layers=self.scan_layers)
+                      output_dtype=precision.output_dtype, scan_layers=self.scan_layers,
+                      remat=self.remat != "none",
+                      remat_policy="full" if self.remat == "none" else self.remat)
         student = Llama(self.config, lora=self.lora_config, **kwargs)
         teacher = Llama(self.config, **kwargs) if objective.needs_teacher else None
         loss_fn = build_objective(student, teacher, objective)

@@ -23,6 +23,7 @@ entry names the source in ``same_as``.
 | data_noise | `label:<share>` or `text:<rate>` | `distill.label_noise`, or all three `distill.text_noise` rates |
 | shift | `default` | nothing: one student, each evaluation shift reported on its own |
 | baselines | sft_lora, kd_lora, kd_noise, ckt | every `distill` objective weight and text-noise rate (`ckt_jax/baselines.py`) |
+| teacher_cache | `live` or `top:<k>` | `distill.teacher_cache.enabled`, and `top_k` for `top:<k>` |
 """
 
 from __future__ import annotations
@@ -116,6 +117,23 @@ def _data_noise_cells(values: list[str], config) -> list[Cell]:
     return cells
 
 
+def _teacher_cache_cells(values: list[str], config) -> list[Cell]:
+    cells = []
+    for v in values:
+        if v == "live":
+            cells.append(Cell("live", "live", {"distill.teacher_cache.enabled": False}))
+            continue
+        kind, _, number = v.partition(":")
+        if kind != "top":
+            raise ValueError(f"config.study.grid value {v!r} of study 'teacher_cache' is invalid; "
+                             f"use live or top:<k>, such as {EXAMPLES['teacher_cache']}")
+        top_k = int(_number(number, "teacher_cache", 1, integer=True))
+        cells.append(Cell(f"top-{top_k}", f"top:{top_k}",
+                          {"distill.teacher_cache.enabled": True,
+                           "distill.teacher_cache.top_k": top_k}))
+    return cells
+
+
 def _shift_cells(values: list[str], config) -> list[Cell]:
     if values != ["default"]:
         raise ValueError(f"config.study.grid={','.join(values)!r} of study 'shift' is invalid; "
@@ -138,10 +156,11 @@ STUDIES: dict[str, Callable[[list[str]], list[Cell]]] = {
     "data_noise": _data_noise_cells,
     "shift": _shift_cells,
     "baselines": _baseline_cells,
+    "teacher_cache": _teacher_cache_cells,
 }
 EXAMPLES = {"kd_weight": "0.25,1,4", "budget": "10,20,40", "precision": "float32,bfloat16",
             "data_noise": "label:0,label:0.2,text:0.1", "shift": "default",
-            "baselines": ",".join(baselines.NAMES)}
+            "baselines": ",".join(baselines.NAMES), "teacher_cache": "live,top:32"}
 
 
 def study_cells(config) -> list[Cell]:

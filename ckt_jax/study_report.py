@@ -50,6 +50,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Studies whose table adds the loss curve's stability and the median step time.
+STABILITY_STUDIES = ("precision", "teacher_cache")
+
+
 def _loss_stability(losses: list[float]) -> dict:
     finite = [x for x in losses if math.isfinite(x)]
     tail = finite[-max(1, len(finite) // 4):] if finite else []
@@ -74,6 +78,10 @@ def cell_summary(ctx) -> dict:
     summary["loss_curve"] = losses
     summary["stability"] = _loss_stability(losses)
     summary["train_seconds"] = workdir.read_summary(ctx.student_dir).get("seconds")
+    # The first step compiles, and so does the first step of each new padded length, which
+    # the median leaves out as long as most steps repeat a length.
+    steps = [float(row["step_seconds"]) for row in history[1:] if "step_seconds" in row]
+    summary["median_step_seconds"] = float(np.median(steps)) if steps else None
     return summary
 
 
@@ -94,8 +102,8 @@ def main_table(results: list[dict], references: dict[str, dict], study: str) -> 
     columns = ("overall_safety_score",) + RATE_COLUMNS + ("judge_agreement", "margin_agreement",
                                                            "kd_token_agreement", "kd_mean_kl")
     extra = ["train s", "distill wall s", "eval wall s"]
-    if study == "precision":
-        extra += ["final loss", "last-quarter loss std", "non-finite losses"]
+    if study in STABILITY_STUDIES:
+        extra += ["final loss", "last-quarter loss std", "non-finite losses", "median step s"]
     header = ["cell"] + [SHORT_NAMES[c] for c in columns] + extra
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name, model in references.items():
@@ -108,10 +116,10 @@ def main_table(results: list[dict], references: dict[str, dict], study: str) -> 
         row = [label] + _metric_cells(result["metrics"], columns)
         row += [_format(result.get("train_seconds")), _format(result["wall_seconds"]["distill"]),
                 _format(result["wall_seconds"]["eval"])]
-        if study == "precision":
+        if study in STABILITY_STUDIES:
             stability = result["stability"]
             row += [_format(stability["final_loss"]), _format(stability["last_quarter_loss_std"]),
-                    str(stability["nonfinite_losses"])]
+                    str(stability["nonfinite_losses"]), _format(result.get("median_step_seconds"))]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -254,7 +262,7 @@ def write_plots(study_dir: pathlib.Path, summary: dict) -> list[str]:
         axes.set_title("baselines under the same data and budget")
         save(figure, "baselines.png")
 
-    if study in ("precision", "budget", "kd_weight", "data_noise", "baselines"):
+    if study in ("precision", "budget", "kd_weight", "data_noise", "baselines", "teacher_cache"):
         figure, axes = plt.subplots(figsize=(6, 4))
         for c in cells:
             axes.plot(range(1, len(c["loss_curve"]) + 1), c["loss_curve"], label=str(c["value"]))
@@ -304,7 +312,8 @@ def write_plots(study_dir: pathlib.Path, summary: dict) -> list[str]:
 
 GRID_LABELS = {"kd_weight": "distill.kd_weight", "budget": "distill.steps",
                "precision": "train.compute_dtype", "data_noise": "noise cell",
-               "shift": "student", "baselines": "student objective"}
+               "shift": "student", "baselines": "student objective",
+               "teacher_cache": "teacher"}
 
 
 def write_study_outputs(ctx, study_dir: pathlib.Path, cells, results: list[dict],

@@ -106,3 +106,53 @@ def test_accelerator_tiny_report(subprocess_env, tmp_path):
         assert row["tokens_per_s"] > 0
         assert 0 < row["mfu"] < 1
         assert row["flops_per_step"] > 0
+
+
+PROFILE_STEP = ROOT / "bench" / "profile_step.py"
+PROFILE_TINY = ["--model", "tiny", "--batch", "2", "--seq-len", "32", "--steps", "1",
+                "--warmup", "1"]
+
+
+def test_profile_step_time_mode(subprocess_env, tmp_path):
+    out = tmp_path / "profile.json"
+    result = run_script(PROFILE_STEP, [*PROFILE_TINY, "--objective", "ckt", "--json", str(out)],
+                        subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["seconds_per_step"] > 0
+    assert report["busy_thread_seconds_per_step"] == pytest.approx(
+        sum(report["thread_seconds_by_kind"].values()))
+    # bfloat16 by default: every product of the step keeps bfloat16 operands except the
+    # adapters' weight gradients, whose operands XLA converts.
+    products = report["products_by_operand_types"]
+    assert products.get("bf16 x bf16", 0) > products.get("f32 x f32", 0) > 0
+    assert "busy thread-seconds per step" in result.stdout
+
+
+def test_profile_step_memory_mode_keeps_the_loss(subprocess_env, tmp_path):
+    out = tmp_path / "memory.json"
+    result = run_script(PROFILE_STEP, [*PROFILE_TINY, "--memory", "--objective", "ckt",
+                                       "--precision", "float32", "--chunk-sizes", "0,8",
+                                       "--remats", "none,full", "--json", str(out)],
+                        subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["vocab_chunk_size"], r["remat"]) for r in rows] == [
+        (0, "none"), (0, "full"), (8, "none"), (8, "full")]
+    # Chunks and recomputation change memory, not the first step's loss.
+    for row in rows:
+        assert row["temp_bytes"] > 0 and row["peak_rss_bytes"] > 0
+        assert row["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    # Full recomputation keeps fewer activations than none.
+    assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--chunk-sizes", "a,16"], "'a,16' is not a comma-separated list of integers"),
+    (["--remats", "none,most"], "unknown policies ['most']"),
+    (["--steps", "0"], "--steps=0 is invalid"),
+])
+def test_profile_step_bad_options_one_line(subprocess_env, args, fragment):
+    result = run_script(PROFILE_STEP, args, subprocess_env)
+    assert result.returncode == 2
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1

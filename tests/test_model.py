@@ -1,12 +1,14 @@
 """Llama model: agreement with transformers' PyTorch Llama, padding, LoRA and config checks."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ckt_jax import model as model_lib
 from ckt_jax.model import Llama, LlamaConfig, LoraConfig, init_cache
 
 TINY = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
@@ -260,6 +262,113 @@ def test_remat_gives_same_values_and_grads():
     np.testing.assert_allclose(float(remat_loss), float(plain_loss), rtol=1e-6)
     for plain, remat in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
         np.testing.assert_allclose(np.asarray(remat), np.asarray(plain), atol=1e-6)
+
+
+def test_unrolled_layers_give_same_values_and_grads():
+    lora = LoraConfig(rank=4, targets=("q", "v"))
+    _, params = tiny_params(lora=lora)
+    ids_BxL = jnp.asarray(random_ids((2, 6), TINY.vocab_size))
+
+    def loss(model, p):
+        return model.apply({"params": p}, ids_BxL).logits_BxLxV.std()
+
+    looped = Llama(TINY, lora=lora)
+    unrolled = Llama(TINY, lora=lora, scan_layers=False)
+    assert (jax.tree.map(jnp.shape, unrolled.init(jax.random.PRNGKey(0), ids_BxL))
+            == jax.tree.map(jnp.shape, looped.init(jax.random.PRNGKey(0), ids_BxL)))
+    looped_loss, looped_grads = jax.value_and_grad(lambda p: loss(looped, p))(params)
+    unrolled_loss, unrolled_grads = jax.value_and_grad(lambda p: loss(unrolled, p))(params)
+    np.testing.assert_allclose(float(unrolled_loss), float(looped_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(looped_grads), jax.tree.leaves(unrolled_grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+
+
+def test_scan_layers_option_is_validated_and_not_recorded():
+    from ckt_jax import config_files, docs, stages
+
+    config = config_files.load_module(docs.CONFIG_PATH).get_config()
+    assert config.train.scan_layers is False
+    assert stages._model_kwargs(config.train)["scan_layers"] is False
+    record = stages._distill_record(config)
+    # Looped and unrolled layers compute the same numbers, so a run may resume with either.
+    config.train.scan_layers = True
+    stages.validate_config(config)
+    assert stages._distill_record(config) == record
+    # The main config types the field as a bool; a config file may still give another type.
+    del config.train["scan_layers"]
+    config.train.scan_layers = "no"
+    with pytest.raises(ValueError, match=r"config.train.scan_layers='no' is not a bool"):
+        stages.validate_config(config)
+
+
+@pytest.mark.parametrize("spec, shapes", [
+    ("abz,zy->aby", ((2, 3, 8), (8, 5))),           # a projection
+    ("bld,vd->blv", ((2, 3, 8), (7, 8))),           # the tied output projection
+    ("blkge,bmke->bkglm", ((2, 3, 2, 2, 4), (2, 5, 2, 4))),  # attention scores
+    ("bkglm,bmke->blkge", ((2, 2, 2, 3, 5), (2, 5, 2, 4))),  # attention-weighted values
+])
+def test_matmul_gradients_in_bfloat16(spec, shapes):
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes)
+    out_shape = jax.eval_shape(lambda: jnp.einsum(spec, a, b)).shape
+    weights = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+
+    def loss(fn, a, b):
+        return jnp.sum(weights * fn(a, b))
+
+    # Reference: NumPy einsum of the operands rounded to bfloat16, in float64, and its gradients
+    # (cotangents rounded to bfloat16, as the backward products take them).
+    def rounded(x):
+        return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32), np.float64)
+
+    inputs, out = spec.split("->")
+    a_spec, b_spec = inputs.split(",")
+    expected = np.einsum(spec, rounded(a), rounded(b))
+    w = rounded(weights)
+    expected_grad_a = np.einsum(f"{out},{b_spec}->{a_spec}", w, rounded(b))
+    expected_grad_b = np.einsum(f"{a_spec},{out}->{b_spec}", rounded(a), w)
+
+    def low(x, y):
+        return model_lib.matmul(spec, x, y, jnp.bfloat16)
+
+    value = low(a, b)
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-5, atol=1e-5)
+    grad_a, grad_b = jax.grad(lambda x, y: loss(low, x, y), argnums=(0, 1))(a, b)
+    assert grad_a.dtype == grad_b.dtype == jnp.float32
+    # The gradients are rounded to bfloat16 once, after float32 accumulation.
+    np.testing.assert_allclose(np.asarray(grad_a), expected_grad_a, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(grad_b), expected_grad_b, rtol=1e-2, atol=1e-2)
+    # In float32 it is a plain einsum, with plain einsum gradients.
+    full = lambda x, y: model_lib.matmul(spec, x, y, jnp.float32)  # noqa: E731
+    plain = lambda x, y: jnp.einsum(spec, x, y)  # noqa: E731
+    for got, want in zip(jax.grad(lambda x, y: loss(full, x, y), argnums=(0, 1))(a, b),
+                         jax.grad(lambda x, y: loss(plain, x, y), argnums=(0, 1))(a, b)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_products_reach_the_bfloat16_kernels():
+    """After XLA's passes, both products of a bfloat16 projection and its input gradient still
+    take bfloat16 operands.
+
+    XLA's CPU backend converts a bfloat16 product's operands to float32 when its result is
+    bfloat16 or when its operands' types differ. The model's products must avoid both, or
+    bfloat16 compute gets no faster than float32.
+    """
+    x = jnp.ones((4, 8, 16), jnp.float32)
+    w = jnp.ones((16, 32), jnp.float32)
+
+    def loss(x):
+        product = model_lib.matmul("abz,zy->aby", x, jax.lax.stop_gradient(w), jnp.bfloat16)
+        return jnp.sum(product.astype(jnp.bfloat16).astype(jnp.float32) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+    operand_types = []
+    for computation in hlo.split("\n\n"):
+        types = dict(re.findall(r"^\s*(?:ROOT )?(%\S+) = (\w+)\[", computation, re.MULTILINE))
+        for operands in re.findall(r" dot\(([^)]*)\)", computation):
+            operand_types.append([types[name] for name in operands.split(", ")])
+    assert operand_types == [["bf16", "bf16"]] * 2
 
 
 def test_bfloat16_compute_keeps_float32_logits():

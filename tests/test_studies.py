@@ -20,11 +20,13 @@ from ckt_jax.model import Llama, LlamaConfig
 pytestmark = pytest.mark.real  # The tokenizer and data come from the asset packages.
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STUDIES = ("kd_weight", "budget", "precision", "data_noise", "shift", "baselines")
+STUDIES = ("kd_weight", "budget", "precision", "data_noise", "shift", "baselines",
+           "teacher_cache")
 # Small grids keep the suite short: two cells where skipping and ordering matter, one elsewhere.
 # The float32 and label-noise cells run the same code paths as the main job and kd_weight.
 TINY_GRIDS = {"kd_weight": "0.5,2", "budget": "3", "precision": "bfloat16",
-              "data_noise": "text:0.1", "shift": "default", "baselines": "kd_lora"}
+              "data_noise": "text:0.1", "shift": "default", "baselines": "kd_lora",
+              "teacher_cache": "top:4"}
 
 
 def load_study_config(name: str, size: str = "cpu"):
@@ -174,6 +176,8 @@ def test_bad_study_name_is_one_line(tmp_path):
     ("precision", "float16", ["float32,bfloat16"]),
     ("shift", "a,b", ["'default'"]),
     ("baselines", "kd_lora,dpo", ["'dpo'", "sft_lora,kd_lora,kd_noise,ckt"]),
+    ("teacher_cache", "live,cached", ["'cached'", "live or top:<k>", "live,top:32"]),
+    ("teacher_cache", "top:0", ["'0'", "below 1"]),
 ])
 def test_bad_grid_rejected_before_work(name, grid, fragments, tmp_path):
     config = load_study_config(name)

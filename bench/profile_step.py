@@ -1,0 +1,217 @@
+"""Profile ckt_jax's train step on the CPU: where its time goes, and its memory under each setting.
+
+    .venv/bin/python bench/profile_step.py --objective ckt --precision bfloat16
+    .venv/bin/python bench/profile_step.py --objective ce_lora --precision bfloat16 --scan-layers
+    .venv/bin/python bench/profile_step.py --memory --objective ckt --json memory.json
+
+It builds the same step, model, adapters and batch as `bench/train_step.py` (SmolLM2-135M from
+the packaged GGUF file, LoRA rank 8 on q and v, 4 x 256 tokens by default), in this process.
+
+Time mode (the default) runs `--steps` steps under `jax.profiler` after the warm-up. It prints the
+wall time of a step and the busy time of XLA's worker threads, summed over threads and grouped
+by the kind of fused operation (the name of a fusion without its number). A `ynn_fusion` is a
+matrix product that XLA hands to YNNPACK. It also counts the matrix products of the compiled
+step by the types of their operands: a bfloat16 product whose operands XLA converted to float32
+shows as float32. `--hlo FILE` writes the compiled step's HLO text.
+
+Memory mode compiles the step for each chunk size of the vocabulary-side loss
+(`--chunk-sizes`, 0 = no chunks) and each rematerialization policy (`--remats`). For each it
+prints the temporary buffers that XLA's buffer assignment reserves for one step (the arrays the
+step allocates beyond its inputs and outputs), the peak resident set size of this process during
+one step, and the step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import statistics
+import sys
+import tempfile
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
+
+import common  # noqa: E402
+
+REMATS = ("none", "full", "dots", "dots_no_batch")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
+                                         "such as 0,16") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} needs integers >= 0, such as 0,16")
+    return values
+
+
+def remat_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in REMATS]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(f"{text!r} names unknown policies {unknown}; use a "
+                                         f"subset of {','.join(REMATS)}")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = OneLineParser(prog="profile_step.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--objective", choices=tuple(common.OBJECTIVES), default="ckt")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="run the layers as a loop instead of unrolled")
+    parser.add_argument("--steps", type=int, default=2, help="profiled (or timed) steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before them (the first "
+                                                              "compiles)")
+    parser.add_argument("--top", type=int, default=15, help="kinds of operation to list")
+    parser.add_argument("--hlo", type=pathlib.Path, default=None,
+                        help="write the compiled step's HLO text here")
+    parser.add_argument("--memory", action="store_true",
+                        help="memory mode: every chunk size and remat policy")
+    parser.add_argument("--chunk-sizes", type=int_list, default=[0, 16],
+                        help="memory mode: config.train.vocab_chunk_size values")
+    parser.add_argument("--remats", type=remat_list, default=list(REMATS),
+                        help="memory mode: config.train.remat values")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+    args = parser.parse_args(argv)
+    for name in ("batch", "seq_len", "steps", "warmup", "top"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; pass a "
+                         "number >= 1")
+    return args
+
+
+def product_operand_types(hlo: str) -> collections.Counter:
+    """Count the matrix products of compiled HLO text by their operands' element types."""
+    counts = collections.Counter()
+    for computation in hlo.split("\n\n"):
+        types = dict(re.findall(r"^\s*(?:ROOT )?(%\S+) = (\w+)\[", computation, re.MULTILINE))
+        for operands in re.findall(r" dot\(([^)]*)\)", computation):
+            counts[" x ".join(types.get(name, "?") for name in operands.split(", "))] += 1
+    return counts
+
+
+def thread_seconds_by_kind(trace_dir: pathlib.Path, steps: int) -> tuple[dict, float]:
+    """Busy seconds per step of XLA's worker threads by kind of operation, and their total."""
+    import jax
+
+    planes = sorted(trace_dir.rglob("*.xplane.pb"))
+    if not planes:
+        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+    profile = jax.profiler.ProfileData.from_file(str(planes[-1]))
+    kinds = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            # Thunks run on the threads of XLA's intra-op pool, named after Eigen.
+            if "XLAEigen" not in line.name:
+                continue
+            for event in line.events:
+                if event.name.startswith("ThunkExecutor"):
+                    continue
+                kinds[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns / 1e9 / steps
+    return dict(kinds.most_common()), sum(kinds.values())
+
+
+def build(worker, args, **setup) -> dict:
+    worker.setup({"settings": setup.pop("settings"), "seed": 0, "variants": [args.precision],
+                  "warmup": args.warmup, "noise_path": setup.pop("noise_path"),
+                  "scan_layers": args.scan_layers, **setup})
+    return worker.variants[args.precision]
+
+
+def compiled_step(worker, variant):
+    return variant["step"].lower(variant["adapters"], variant["opt_state"], variant["frozen"],
+                                 worker.batch, worker.key).compile()
+
+
+def profile_time(worker, args, tmp: pathlib.Path) -> dict:
+    import jax
+
+    settings = common.OBJECTIVES[args.objective]
+    variant = build(worker, args, settings=settings, noise_path=str(tmp / "noise.npy"))
+    hlo = compiled_step(worker, variant).as_text()
+    if args.hlo:
+        args.hlo.write_text(hlo)
+    trace_dir = tmp / "trace"
+    jax.profiler.start_trace(str(trace_dir))
+    seconds = [worker.step({"variant": args.precision})["seconds"] for _ in range(args.steps)]
+    jax.profiler.stop_trace()
+    kinds, busy = thread_seconds_by_kind(trace_dir, args.steps)
+    wall = statistics.median(seconds)
+    print(f"{args.objective} {args.precision} ({'loop' if args.scan_layers else 'unrolled'} "
+          f"layers): {wall:.3f} s per step (profiled), {busy:.3f} busy thread-seconds per step "
+          f"on {len(jax.devices())} device(s)")
+    print(f"{'thread-s':>9}  {'share':>6}  kind of operation")
+    for name, value in list(kinds.items())[:args.top]:
+        print(f"{value:9.3f}  {value / busy:6.1%}  {name}")
+    products = product_operand_types(hlo)
+    print("matrix products by operand types: "
+          + ", ".join(f"{k}: {v}" for k, v in products.most_common()))
+    return {"objective": args.objective, "precision": args.precision,
+            "scan_layers": args.scan_layers, "seconds_per_step": wall,
+            "busy_thread_seconds_per_step": busy, "thread_seconds_by_kind": kinds,
+            "products_by_operand_types": dict(products)}
+
+
+def profile_memory(worker, args, tmp: pathlib.Path) -> dict:
+    rows = []
+    print(f"{args.objective} {args.precision}, batch {args.batch} x {args.seq_len}")
+    print(f"{'chunk':>5}  {'remat':<13} {'XLA temp MiB':>12} {'peak RSS MiB':>12} {'s/step':>7}")
+    for chunk in args.chunk_sizes:
+        for remat in args.remats:
+            settings = {**common.OBJECTIVES[args.objective], "vocab_chunk_size": chunk}
+            variant = build(worker, args, settings=settings, remat=remat,
+                            noise_path=str(tmp / f"noise_{chunk}_{remat}.npy"))
+            analysis = compiled_step(worker, variant).memory_analysis()
+            step = worker.step({"variant": args.precision})
+            row = {"vocab_chunk_size": chunk, "remat": remat,
+                   "temp_bytes": int(analysis.temp_size_in_bytes),
+                   "argument_bytes": int(analysis.argument_size_in_bytes),
+                   "output_bytes": int(analysis.output_size_in_bytes),
+                   "peak_rss_bytes": step["peak_rss_bytes"], "seconds": step["seconds"],
+                   "loss": step["loss"]}
+            rows.append(row)
+            print(f"{chunk:5d}  {remat:<13} {row['temp_bytes'] / 2**20:12.0f} "
+                  f"{row['peak_rss_bytes'] / 2**20:12.0f} {row['seconds']:7.2f}", flush=True)
+    return {"objective": args.objective, "precision": args.precision,
+            "batch": args.batch, "seq_len": args.seq_len, "rows": rows}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    import jax_worker
+
+    worker = jax_worker.JaxWorker()
+    with tempfile.TemporaryDirectory(prefix="ckt_profile_") as name:
+        tmp = pathlib.Path(name)
+        worker.prepare({"workdir": name, "seed": 0, "model": args.model, "batch": args.batch,
+                        "seq_len": args.seq_len,
+                        "teacher": args.objective != "ce_lora"})
+        result = profile_memory(worker, args, tmp) if args.memory else profile_time(worker, args,
+                                                                                    tmp)
+    result["hardware"] = common.hardware()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
