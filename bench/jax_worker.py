@@ -21,6 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from ckt_jax import xla_flags  # noqa: E402
+
+# The same XLA flags as `python -m ckt_jax.main`, before JAX starts its CPU backend.
+xla_flags.apply_defaults()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import traverse_util  # noqa: E402

@@ -17,12 +17,17 @@ import os
 import sys
 import time
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_dict, config_flags
+from ckt_jax import xla_flags
 
-from ckt_jax import config_files, distributed, modes, sharding, stages, studies, workdir
-from ckt_jax.train import TrainingStopped
+xla_flags.apply_defaults()  # Before JAX starts a backend, which reads XLA_FLAGS once.
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_dict, config_flags  # noqa: E402
+
+from ckt_jax import (config_files, distributed, modes, sharding, stages,  # noqa: E402
+                     studies, workdir)
+from ckt_jax.train import TrainingStopped  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and the report.")

@@ -169,3 +169,16 @@ def test_smoke_config_end_to_end(tmp_path, smollm2_gguf_path):
     changed = run_main("--config", "configs/smoke.py", "--workdir", str(workdir),
                        "--config.distill.steps=5", "--config.stages=distill")
     assert_one_line_error(changed, "distill.steps")
+
+
+def test_xla_flag_defaults_keep_user_values():
+    from ckt_jax import xla_flags
+
+    environ = {}
+    assert xla_flags.apply_defaults(environ) == " ".join(xla_flags.DEFAULT_FLAGS)
+    option = xla_flags.DEFAULT_FLAGS[0].split("=")[0]
+    environ = {"XLA_FLAGS": f"--xla_dump_to=/tmp/x {option}=true"}
+    assert xla_flags.apply_defaults(environ) == f"--xla_dump_to=/tmp/x {option}=true"
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert xla_flags.apply_defaults(environ).split() == ["--xla_dump_to=/tmp/x",
+                                                        *xla_flags.DEFAULT_FLAGS]
