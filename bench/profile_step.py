@@ -47,7 +47,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def int_list(text: str) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
                                          "such as 0,16") from None
@@ -57,7 +57,7 @@ def int_list(text: str) -> list[int]:
 
 
 def remat_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
+    values = [v.strip() for v in text.split(",")]
     unknown = [v for v in values if v not in REMATS]
     if not values or unknown:
         raise argparse.ArgumentTypeError(f"{text!r} names unknown policies {unknown}; use a "
@@ -88,6 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="memory mode: config.train.remat values")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     args = parser.parse_args(argv)
+    for option, path in (("--json", args.json), ("--hlo", args.hlo)):
+        if path is None:
+            continue
+        # Like bench/train_step.py, create the directory, but before any work rather than after.
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"{option}={str(path)!r}: cannot create its directory "
+                         f"({error.strerror}); pass a writable path")
     for name in ("batch", "seq_len", "steps", "warmup", "top"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; pass a "

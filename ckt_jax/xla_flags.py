@@ -19,8 +19,14 @@ DEFAULT_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
 def apply_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
-    """Add each of DEFAULT_FLAGS to `environ["XLA_FLAGS"]` unless that option is set; return it."""
-    flags = environ.get("XLA_FLAGS", "").split()
+    """Add each of DEFAULT_FLAGS to `environ["XLA_FLAGS"]` unless that option is set; return it.
+
+    A value that does not start with "--" names a file of flags for XLA, and is left as it is.
+    """
+    value = environ.get("XLA_FLAGS", "")
+    if value.strip() and not value.lstrip().startswith("--"):
+        return value
+    flags = value.split()
     present = {flag.split("=", 1)[0] for flag in flags}
     for flag in DEFAULT_FLAGS:
         if flag.split("=", 1)[0] not in present:

@@ -149,6 +149,9 @@ def test_profile_step_memory_mode_keeps_the_loss(subprocess_env, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--chunk-sizes", "a,16"], "'a,16' is not a comma-separated list of integers"),
+    (["--chunk-sizes", "1,,2"], "'1,,2' is not a comma-separated list of integers"),
+    (["--remats", "full,"], "unknown policies ['']"),
+    (["--json", "/proc/no/such.json"], "cannot create its directory"),
     (["--remats", "none,most"], "unknown policies ['most']"),
     (["--steps", "0"], "--steps=0 is invalid"),
 ])

@@ -182,3 +182,11 @@ def test_xla_flag_defaults_keep_user_values():
     environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
     assert xla_flags.apply_defaults(environ).split() == ["--xla_dump_to=/tmp/x",
                                                         *xla_flags.DEFAULT_FLAGS]
+
+
+def test_xla_flag_file_is_left_alone():
+    from ckt_jax import xla_flags
+
+    environ = {"XLA_FLAGS": "/etc/xla_flags.txt"}
+    assert xla_flags.apply_defaults(environ) == "/etc/xla_flags.txt"
+    assert environ["XLA_FLAGS"] == "/etc/xla_flags.txt"
