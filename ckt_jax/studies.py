@@ -124,9 +124,10 @@ def _teacher_cache_cells(values: list[str], config) -> list[Cell]:
             cells.append(Cell("live", "live", {"distill.teacher_cache.enabled": False}))
             continue
         kind, _, number = v.partition(":")
-        if kind != "top":
+        if kind != "top" or not number.isdigit():
             raise ValueError(f"config.study.grid value {v!r} of study 'teacher_cache' is invalid; "
-                             f"use live or top:<k>, such as {EXAMPLES['teacher_cache']}")
+                             f"use live or top:<k> with an integer k >= 1, such as "
+                             f"{EXAMPLES['teacher_cache']}")
         top_k = int(_number(number, "teacher_cache", 1, integer=True))
         cells.append(Cell(f"top-{top_k}", f"top:{top_k}",
                           {"distill.teacher_cache.enabled": True,

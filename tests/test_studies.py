@@ -178,6 +178,7 @@ def test_bad_study_name_is_one_line(tmp_path):
     ("baselines", "kd_lora,dpo", ["'dpo'", "sft_lora,kd_lora,kd_noise,ckt"]),
     ("teacher_cache", "live,cached", ["'cached'", "live or top:<k>", "live,top:32"]),
     ("teacher_cache", "top:0", ["'0'", "below 1"]),
+    ("teacher_cache", "top:abc", ["'top:abc'", "integer k >= 1"]),
 ])
 def test_bad_grid_rejected_before_work(name, grid, fragments, tmp_path):
     config = load_study_config(name)
