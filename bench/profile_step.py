@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--remats", type=remat_list, default=list(REMATS),
                         help="memory mode: config.train.remat values")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
+
     args = parser.parse_args(argv)
     for option, path in (("--json", args.json), ("--hlo", args.hlo)):
         if path is None:

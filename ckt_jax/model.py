@@ -246,7 +246,7 @@ def matmul(spec: str, a, b, dtype):
 
 
 def _dense_spec(ndim: int) -> str:
-    """The einsum spec of ``x @ kernel`` for an ``ndim``-dimensional ``x``: e.g. "abz,zy->aby"."""
+    """Return the einsum spec of ``x @ kernel`` for an ``ndim``-dim ``x`` ("abz,zy->aby")."""
     batch = "abcdefgh"[:ndim - 1]
     return f"{batch}z,zy->{batch}y"
 

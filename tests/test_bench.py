@@ -141,7 +141,8 @@ def test_profile_step_memory_mode_keeps_the_loss(subprocess_env, tmp_path):
         (0, "none"), (0, "full"), (8, "none"), (8, "full")]
     # Chunks and recomputation change memory, not the first step's loss.
     for row in rows:
-        assert row["temp_bytes"] > 0 and row["peak_rss_bytes"] > 0
+        assert row["temp_bytes"] > 0
+        assert row["peak_rss_bytes"] > 0
         assert row["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
     # Full recomputation keeps fewer activations than none.
     assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]
@@ -158,4 +159,5 @@ def test_profile_step_memory_mode_keeps_the_loss(subprocess_env, tmp_path):
 def test_profile_step_bad_options_one_line(subprocess_env, args, fragment):
     result = run_script(PROFILE_STEP, args, subprocess_env)
     assert result.returncode == 2
-    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -8,8 +8,9 @@ The cache cell reads the kd term's teacher from `<workdir>/teacher_cache/`, buil
 its first step (that build counts in the cell's distill wall time, not in its step times), so
 no teacher forward runs during training. The live cell is the main config's student. The
 table adds the median step time and the loss curve's stability. CPU size: grid `live,top:32`,
-24 prompts per evaluation split; measured 20 min 40 s on 2 CPU cores with the shared stages of
-`runs/studies` reused (median step 11.55 s live, 10.59 s cached, and 95 s to build the cache).
+24 prompts per evaluation split. It took 20 min 40 s on 2 CPU cores with the shared stages of
+`runs/studies` reused. The median step was 11.55 s live and 10.59 s cached, and the cache took
+95 s to build.
 Full size: grid `live,top:32,top:128`, every evaluation prompt.
 """
 
