@@ -10,6 +10,7 @@ noise) travel as `.npy`/`.npz` files in a temporary directory that the parent ow
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -48,6 +49,15 @@ OBJECTIVES = {
 STUDENT_LORA_B_STD = 0.01
 # The teacher is the base model with its own random LoRA pair on q and v, merged.
 TEACHER_LORA_B_STD = 0.05
+
+
+# ---- command lines ----------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
 
 
 # ---- the batch --------------------------------------------------------------------------------

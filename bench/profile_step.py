@@ -3,6 +3,7 @@
     .venv/bin/python bench/profile_step.py --objective ckt --precision bfloat16
     .venv/bin/python bench/profile_step.py --objective ce_lora --precision bfloat16 --scan-layers
     .venv/bin/python bench/profile_step.py --memory --objective ckt --json memory.json
+    .venv/bin/python bench/profile_step.py --teacher-cache 32 --objective kd --steps 5
 
 It builds the same step, model, adapters and batch as `bench/train_step.py` (SmolLM2-135M from
 the packaged GGUF file, LoRA rank 8 on q and v, 4 x 256 tokens by default), in this process.
@@ -19,6 +20,12 @@ Memory mode compiles the step for each chunk size of the vocabulary-side loss
 prints the temporary buffers that XLA's buffer assignment reserves for one step (the arrays the
 step allocates beyond its inputs and outputs), the peak resident set size of this process during
 one step, and the step's time.
+
+Cache mode (`--teacher-cache K`) times the step with a live teacher and then with the teacher's
+top-K log-probabilities in the batch (`config.distill.teacher_cache`), computed once from the
+same teacher beforehand. For each it prints the median step time, XLA's temporary and argument
+bytes and the peak resident set size. When no term needs the teacher any more, its weights
+are dropped before the cached step is built, as the distill stage does.
 """
 
 from __future__ import annotations
@@ -38,11 +45,6 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 import common  # noqa: E402
 
 REMATS = ("none", "full", "dots", "dots_no_batch")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
 
 
 def int_list(text: str) -> list[int]:
@@ -66,7 +68,7 @@ def remat_list(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(prog="profile_step.py", description=__doc__.splitlines()[0])
+    parser = common.OneLineParser(prog="profile_step.py", description=__doc__.splitlines()[0])
     parser.add_argument("--objective", choices=tuple(common.OBJECTIVES), default="ckt")
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="bfloat16")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
@@ -86,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="memory mode: config.train.vocab_chunk_size values")
     parser.add_argument("--remats", type=remat_list, default=list(REMATS),
                         help="memory mode: config.train.remat values")
+    parser.add_argument("--teacher-cache", type=int, default=0, metavar="K",
+                        help="cache mode: live teacher against its top-K cache (K >= 1)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
 
     args = parser.parse_args(argv)
@@ -98,6 +102,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         except OSError as error:
             parser.error(f"{option}={str(path)!r}: cannot create its directory "
                          f"({error.strerror}); pass a writable path")
+    if args.teacher_cache < 0:
+        parser.error(f"--teacher-cache={args.teacher_cache} is invalid; pass k >= 1 (or leave it "
+                     "out)")
+    if args.teacher_cache and args.memory:
+        parser.error("--teacher-cache and --memory are separate modes; pass one of them")
+    if args.teacher_cache and "kd_weight" not in common.OBJECTIVES[args.objective]:
+        parser.error(f"--objective={args.objective} has no kd term to read from a teacher cache; "
+                     "pass --objective kd or ckt")
+    if not args.memory:
+        for option, value, default in (("--chunk-sizes", args.chunk_sizes, [0, 16]),
+                                       ("--remats", args.remats, list(REMATS))):
+            if value != default:
+                parser.error(f"{option} applies only to memory mode; add --memory")
     for name in ("batch", "seq_len", "steps", "warmup", "top"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; pass a "
@@ -201,6 +218,71 @@ def profile_memory(worker, args, tmp: pathlib.Path) -> dict:
             "batch": args.batch, "seq_len": args.seq_len, "rows": rows}
 
 
+def teacher_cache_fields(worker, args, k: int) -> dict:
+    """The teacher's top-k fields of the kd term for the worker's batch, as the cache stores them."""
+    import jax
+    import jax.numpy as jnp
+    from ckt_jax import losses, objective, train
+    from ckt_jax.model import Llama
+
+    settings = common.OBJECTIVES[args.objective]
+    config = objective.ObjectiveConfig(**settings)
+    precision = train.Precision(compute=args.precision)
+    teacher = Llama(worker.config, dtype=precision.compute_dtype,
+                    param_dtype=precision.param_dtype, output_dtype=precision.output_dtype)
+
+    @jax.jit
+    def score(params, batch):
+        target_mask = losses.next_token_mask(batch["loss_mask"])
+        positions, _ = objective.gather_target_positions(target_mask, config.max_target_tokens)
+        out = teacher.apply({"params": params}, batch["input_ids"],
+                            attention_mask_BxL=batch["attention_mask"])
+        hidden = jnp.take_along_axis(out.hidden_BxLxD, positions[..., None], axis=1)
+        logits = teacher.apply({"params": params}, hidden, method="project").astype(jnp.float32)
+        indices, log_probs = losses.teacher_top_k(logits, k, config.temperature)
+        tail = losses.teacher_tail_log_mass(logits, indices, config.temperature)
+        return dict(zip(objective.TEACHER_CACHE_FIELDS, (indices, log_probs, tail)))
+
+    return score(worker.teacher, worker.batch)
+
+
+def profile_cache(worker, args, tmp: pathlib.Path) -> dict:
+    import gc
+
+    from ckt_jax.objective import ObjectiveConfig
+
+    k = args.teacher_cache
+    live = common.OBJECTIVES[args.objective]
+    cached = {**live, "cached_teacher_top_k": k}
+    rows = []
+    print(f"{args.objective} {args.precision}, batch {args.batch} x {args.seq_len}, median of "
+          f"{args.steps} steps")
+    print(f"{'teacher':<8} {'s/step':>7} {'XLA temp MiB':>12} {'arguments MiB':>13} "
+          f"{'peak RSS MiB':>12}")
+    for label, settings in (("live", live), (f"top:{k}", cached)):
+        if settings is cached:
+            worker.batch.update(teacher_cache_fields(worker, args, k))
+            if not ObjectiveConfig(**cached).needs_teacher:
+                worker.teacher = None
+                gc.collect()
+        variant = build(worker, args, settings=settings, noise_path=str(tmp / "noise.npy"))
+        analysis = compiled_step(worker, variant).memory_analysis()
+        steps = [worker.step({"variant": args.precision}) for _ in range(args.steps)]
+        row = {"teacher": label, "seconds": statistics.median(s["seconds"] for s in steps),
+               "temp_bytes": int(analysis.temp_size_in_bytes),
+               "argument_bytes": int(analysis.argument_size_in_bytes),
+               "peak_rss_bytes": max(s["peak_rss_bytes"] for s in steps),
+               "loss": steps[0]["loss"]}
+        rows.append(row)
+        print(f"{label:<8} {row['seconds']:7.3f} {row['temp_bytes'] / 2**20:12.0f} "
+              f"{row['argument_bytes'] / 2**20:13.0f} {row['peak_rss_bytes'] / 2**20:12.0f}",
+              flush=True)
+    cut = 1.0 - rows[1]["seconds"] / rows[0]["seconds"]
+    print(f"step time {cut:.1%} lower from the cache")
+    return {"objective": args.objective, "precision": args.precision, "batch": args.batch,
+            "seq_len": args.seq_len, "top_k": k, "rows": rows, "step_time_cut": cut}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
@@ -214,8 +296,12 @@ def main(argv=None) -> int:
         worker.prepare({"workdir": name, "seed": 0, "model": args.model, "batch": args.batch,
                         "seq_len": args.seq_len,
                         "teacher": args.objective != "ce_lora"})
-        result = profile_memory(worker, args, tmp) if args.memory else profile_time(worker, args,
-                                                                                    tmp)
+        if args.memory:
+            result = profile_memory(worker, args, tmp)
+        elif args.teacher_cache:
+            result = profile_cache(worker, args, tmp)
+        else:
+            result = profile_time(worker, args, tmp)
     result["hardware"] = common.hardware()
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

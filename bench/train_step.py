@@ -69,13 +69,6 @@ SIDE_NAMES = {"jax": "ckt_jax", "torch": "PyTorch"}
 BF16_RTOL = 3e-2
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, without the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\n")
-
-
 def comma_list(allowed: tuple[str, ...], option: str):
     def parse(text: str) -> list[str]:
         values = [value.strip() for value in text.split(",") if value.strip()]
@@ -114,7 +107,7 @@ def positive_float(option: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(prog="train_step.py", description=__doc__.splitlines()[0])
+    parser = common.OneLineParser(prog="train_step.py", description=__doc__.splitlines()[0])
     parser.add_argument("--objectives", type=comma_list(tuple(common.OBJECTIVES), "--objectives"),
                         default=list(common.OBJECTIVES), help="objectives to time (default: all)")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2",

@@ -148,7 +148,29 @@ def test_profile_step_memory_mode_keeps_the_loss(subprocess_env, tmp_path):
     assert rows[1]["temp_bytes"] < rows[0]["temp_bytes"]
 
 
+def test_profile_step_cache_mode_matches_the_live_teacher(subprocess_env, tmp_path):
+    out = tmp_path / "cache.json"
+    # k = the tiny vocabulary: the cache stores the whole teacher distribution, so the kd loss
+    # from it equals the live one.
+    result = run_script(PROFILE_STEP, [*PROFILE_TINY, "--teacher-cache", "256", "--objective",
+                                       "kd", "--precision", "float32", "--json", str(out)],
+                        subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    live, cached = report["rows"]
+    assert (live["teacher"], cached["teacher"]) == ("live", "top:256")
+    assert cached["loss"] == pytest.approx(live["loss"], rel=1e-5)
+    # Without a teacher forward the teacher's weights are no longer step arguments.
+    assert cached["argument_bytes"] < live["argument_bytes"]
+    assert report["step_time_cut"] == pytest.approx(1 - cached["seconds"] / live["seconds"])
+    assert "lower from the cache" in result.stdout
+
+
 @pytest.mark.parametrize("args, fragment", [
+    (["--teacher-cache", "8", "--objective", "ce_lora"], "has no kd term"),
+    (["--teacher-cache", "8", "--memory"], "separate modes"),
+    (["--teacher-cache", "-1"], "--teacher-cache=-1 is invalid"),
+    (["--remats", "full"], "--remats applies only to memory mode"),
     (["--chunk-sizes", "a,16"], "'a,16' is not a comma-separated list of integers"),
     (["--chunk-sizes", "1,,2"], "'1,,2' is not a comma-separated list of integers"),
     (["--remats", "full,"], "unknown policies ['']"),
