@@ -21,11 +21,12 @@ prints the temporary buffers that XLA's buffer assignment reserves for one step 
 step allocates beyond its inputs and outputs), the peak resident set size of this process during
 one step, and the step's time.
 
-Cache mode (`--teacher-cache K`) times the step with a live teacher and then with the teacher's
-top-K log-probabilities in the batch (`config.distill.teacher_cache`), computed once from the
-same teacher beforehand. For each it prints the median step time, XLA's temporary and argument
-bytes and the peak resident set size. When no term needs the teacher any more, its weights
-are dropped before the cached step is built, as the distill stage does.
+Cache mode (`--teacher-cache K`) builds the step with a live teacher and the step that reads
+the teacher's top-K log-probabilities from the batch (`config.distill.teacher_cache`), computed
+once from the same teacher beforehand, and times them in alternating steps. For each it prints
+the median step time, XLA's temporary and argument bytes and the peak resident set size. The
+cached step's peak comes from two more steps after the teacher's weights are dropped (when no
+other term needs them), as the distill stage never loads them.
 """
 
 from __future__ import annotations
@@ -132,27 +133,6 @@ def product_operand_types(hlo: str) -> collections.Counter:
     return counts
 
 
-def thread_seconds_by_kind(trace_dir: pathlib.Path, steps: int) -> tuple[dict, float]:
-    """Busy seconds per step of XLA's worker threads by kind of operation, and their total."""
-    import jax
-
-    planes = sorted(trace_dir.rglob("*.xplane.pb"))
-    if not planes:
-        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-    profile = jax.profiler.ProfileData.from_file(str(planes[-1]))
-    kinds = collections.Counter()
-    for plane in profile.planes:
-        for line in plane.lines:
-            # Thunks run on the threads of XLA's intra-op pool, named after Eigen.
-            if "XLAEigen" not in line.name:
-                continue
-            for event in line.events:
-                if event.name.startswith("ThunkExecutor"):
-                    continue
-                kinds[re.sub(r"\.\d+$", "", event.name)] += event.duration_ns / 1e9 / steps
-    return dict(kinds.most_common()), sum(kinds.values())
-
-
 def build(worker, args, **setup) -> dict:
     worker.setup({"settings": setup.pop("settings"), "seed": 0, "variants": [args.precision],
                   "warmup": args.warmup, "noise_path": setup.pop("noise_path"),
@@ -177,7 +157,9 @@ def profile_time(worker, args, tmp: pathlib.Path) -> dict:
     jax.profiler.start_trace(str(trace_dir))
     seconds = [worker.step({"variant": args.precision})["seconds"] for _ in range(args.steps)]
     jax.profiler.stop_trace()
-    kinds, busy = thread_seconds_by_kind(trace_dir, args.steps)
+    from ckt_jax import profiling
+
+    kinds, busy = profiling.thread_seconds_by_kind(trace_dir, args.steps)
     wall = statistics.median(seconds)
     print(f"{args.objective} {args.precision} ({'loop' if args.scan_layers else 'unrolled'} "
           f"layers): {wall:.3f} s per step (profiled), {busy:.3f} busy thread-seconds per step "
@@ -219,7 +201,7 @@ def profile_memory(worker, args, tmp: pathlib.Path) -> dict:
 
 
 def teacher_cache_fields(worker, args, k: int) -> dict:
-    """The teacher's top-k fields of the kd term for the worker's batch, as the cache stores them."""
+    """Compute the teacher's top-k fields of the kd term for the worker's batch, as cached."""
     import jax
     import jax.numpy as jnp
     from ckt_jax import losses, objective, train
@@ -246,41 +228,55 @@ def teacher_cache_fields(worker, args, k: int) -> dict:
     return score(worker.teacher, worker.batch)
 
 
-def profile_cache(worker, args, tmp: pathlib.Path) -> dict:
+def profile_cache(worker, args) -> dict:
     import gc
 
+    import jax
     from ckt_jax.objective import ObjectiveConfig
 
     k = args.teacher_cache
-    live = common.OBJECTIVES[args.objective]
-    cached = {**live, "cached_teacher_top_k": k}
-    rows = []
+    live = ObjectiveConfig(**common.OBJECTIVES[args.objective])
+    cached = ObjectiveConfig(**common.OBJECTIVES[args.objective], cached_teacher_top_k=k)
+    labels = {"live": "live", "cached": f"top:{k}"}
+    # Both steps are built on one batch that carries the cache fields (the live step ignores
+    # them) and start from the same adapters and key, as `JaxWorker.setup` builds a variant.
+    worker.release({})
+    worker.key = jax.random.PRNGKey(0)
+    worker.scan_layers, worker.remat = args.scan_layers, "none"
+    worker.batch.update(teacher_cache_fields(worker, args, k))
+    rows = {}
+    for name, objective in (("live", live), ("cached", cached)):
+        worker.variants[name] = worker.build_variant(objective, args.precision)
+        analysis = compiled_step(worker, worker.variants[name]).memory_analysis()
+        warmup = [worker.run_step(name) for _ in range(args.warmup)]
+        rows[name] = {"teacher": labels[name], "temp_bytes": int(analysis.temp_size_in_bytes),
+                      "argument_bytes": int(analysis.argument_size_in_bytes),
+                      "loss": warmup[0]["loss"], "steps": []}
+    # Alternating steps, so a slow phase of the machine slows both alike.
+    for _ in range(args.steps):
+        for name in rows:
+            rows[name]["steps"].append(worker.run_step(name))
+    rows["live"]["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in rows["live"]["steps"])
+    if not cached.needs_teacher:
+        # As in the distill stage, the cached student's process keeps no teacher weights.
+        worker.teacher = None
+        del worker.variants["live"]
+        gc.collect()
+    alone = [worker.run_step("cached") for _ in range(2)]
+    rows["cached"]["peak_rss_bytes"] = max(s["peak_rss_bytes"] for s in alone)
     print(f"{args.objective} {args.precision}, batch {args.batch} x {args.seq_len}, median of "
-          f"{args.steps} steps")
+          f"{args.steps} alternating steps")
     print(f"{'teacher':<8} {'s/step':>7} {'XLA temp MiB':>12} {'arguments MiB':>13} "
           f"{'peak RSS MiB':>12}")
-    for label, settings in (("live", live), (f"top:{k}", cached)):
-        if settings is cached:
-            worker.batch.update(teacher_cache_fields(worker, args, k))
-            if not ObjectiveConfig(**cached).needs_teacher:
-                worker.teacher = None
-                gc.collect()
-        variant = build(worker, args, settings=settings, noise_path=str(tmp / "noise.npy"))
-        analysis = compiled_step(worker, variant).memory_analysis()
-        steps = [worker.step({"variant": args.precision}) for _ in range(args.steps)]
-        row = {"teacher": label, "seconds": statistics.median(s["seconds"] for s in steps),
-               "temp_bytes": int(analysis.temp_size_in_bytes),
-               "argument_bytes": int(analysis.argument_size_in_bytes),
-               "peak_rss_bytes": max(s["peak_rss_bytes"] for s in steps),
-               "loss": steps[0]["loss"]}
-        rows.append(row)
-        print(f"{label:<8} {row['seconds']:7.3f} {row['temp_bytes'] / 2**20:12.0f} "
-              f"{row['argument_bytes'] / 2**20:13.0f} {row['peak_rss_bytes'] / 2**20:12.0f}",
-              flush=True)
-    cut = 1.0 - rows[1]["seconds"] / rows[0]["seconds"]
+    for row in rows.values():
+        row["seconds"] = statistics.median(s["seconds"] for s in row.pop("steps"))
+        print(f"{row['teacher']:<8} {row['seconds']:7.3f} {row['temp_bytes'] / 2**20:12.0f} "
+              f"{row['argument_bytes'] / 2**20:13.0f} {row['peak_rss_bytes'] / 2**20:12.0f}")
+    cut = 1.0 - rows["cached"]["seconds"] / rows["live"]["seconds"]
     print(f"step time {cut:.1%} lower from the cache")
     return {"objective": args.objective, "precision": args.precision, "batch": args.batch,
-            "seq_len": args.seq_len, "top_k": k, "rows": rows, "step_time_cut": cut}
+            "seq_len": args.seq_len, "top_k": k, "rows": list(rows.values()),
+            "step_time_cut": cut}
 
 
 def main(argv=None) -> int:
@@ -299,7 +295,7 @@ def main(argv=None) -> int:
         if args.memory:
             result = profile_memory(worker, args, tmp)
         elif args.teacher_cache:
-            result = profile_cache(worker, args, tmp)
+            result = profile_cache(worker, args)
         else:
             result = profile_time(worker, args, tmp)
     result["hardware"] = common.hardware()

@@ -27,7 +27,8 @@ from absl import logging
 from ml_collections import config_dict
 
 from ckt_jax import (batching, checkpoint, distributed, evaluation, lora, losses, metric_writers,
-                     metrics, peft_format, sharding, teacher_cache, throughput, trainer, workdir)
+                     metrics, peft_format, profiling, sharding, teacher_cache, throughput, trainer,
+                     workdir)
 from ckt_jax.data import builder as data_builder
 from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
@@ -127,6 +128,7 @@ def _validate_values(config) -> None:
     if not isinstance(scan_layers, bool):
         raise ValueError(f"config.train.scan_layers={scan_layers!r} is not a bool; use True (a "
                          "loop over the layers) or False (the layers unrolled)")
+    profiling.parse_steps(train.get("profile_steps", ""))
     vocab_chunk_size = train.get("vocab_chunk_size", 0)
     if not isinstance(vocab_chunk_size, int) or vocab_chunk_size < 0:
         raise ValueError(f"config.train.vocab_chunk_size={vocab_chunk_size!r} is invalid; use 0 "
@@ -327,6 +329,7 @@ ADDED_OPTIONS = (
      ("train", "length_bucket_batches")),
     (("train", "pack_rows"), 0, ("train", "pack_rows")),
     (("train", "scan_layers"), True, ("train", "scan_layers")),
+    (("train", "profile_steps"), "", ("train", "profile_steps")),
 )
 
 
@@ -685,7 +688,10 @@ def train_adapters(ctx: Context, *, name: str, section, lora_config: LoraConfig,
                       **(identity or {})},
             log_every=ctx.config.log_every, flops_per_step=flops_per_step,
             peak_flops_per_device=train_cfg.peak_flops_per_device,
-            on_metrics=metric_writers.training_callback(writers, schedule))
+            on_metrics=metric_writers.training_callback(writers, schedule),
+            profiler=profiling.StepProfiler(
+                profiling.parse_steps(train_cfg.get("profile_steps", "")),
+                ctx.root / "logs" / run_name / "profile", name=name))
 
 
 def host_tree(tree):

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ckt_jax import sharding as sharding_lib
 from ckt_jax.objective import LossFn
+from ckt_jax.profiling import StepProfiler
 from ckt_jax.throughput import Throughput
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -229,6 +230,7 @@ def train_loop(
     checkpoints=None,
     stop_signal=None,
     throughput: Throughput | None = None,
+    profiler: StepProfiler | None = None,
 ) -> tuple[Any, Any, list[dict]]:
     """Run steps `start_step + 1 .. num_steps`; return (adapter_params, opt_state, history).
 
@@ -237,61 +239,70 @@ def train_loop(
     arrays. `checkpoints` (a `ckt_jax.checkpoint.TrainCheckpoints`) saves when due, after the
     last step, and after the step during which `stop_signal` saw SIGTERM; then TrainingStopped
     is raised. Only process 0 logs: `name`, the step, every loss term, tokens per second per
-    device, the estimated model-FLOPs utilisation and the time left.
+    device, the estimated model-FLOPs utilisation and the time left. `profiler` traces the
+    steps it names (`ckt_jax.profiling.StepProfiler`).
     """
     history = list(history or [])
     primary = jax.process_index() == 0
     throughput = throughput or Throughput()
     # `seconds` counts training time over all runs, so it continues from a restored history.
     start = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
-    for step in range(start_step + 1, num_steps + 1):
-        step_start = time.perf_counter()
-        host_batch = next(batches)
-        batch = place_batch(host_batch) if place_batch is not None else host_batch
-        step_rng = jax.random.fold_in(rng, step)
-        adapter_params, opt_state, metrics = step_fn(
-            adapter_params, opt_state, frozen_params, batch, step_rng)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(metrics["loss"]):
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("loss"))
-            raise NonFiniteLossError(
-                f"{name}: non-finite loss at step {step} ({terms}); lower the learning rate or "
-                "check the batch for empty reply masks")
-        # The first step of a run includes compilation, so the rates start after it.
-        throughput.update(first=step == start_step + 1, tokens=metrics["tokens"],
-                          batch_shape=np.shape(batch["input_ids"]))
-        metrics["step"] = step
-        now = time.perf_counter()
-        metrics["seconds"] = now - start
-        metrics["step_seconds"] = now - step_start
-        history.append(metrics)
-        if on_metrics is not None:
-            on_metrics(step, metrics)
+    profiler = profiler or StepProfiler(None, "")
+    try:
+        for step in range(start_step + 1, num_steps + 1):
+            profiler.before_step(step)
+            step_start = time.perf_counter()
+            host_batch = next(batches)
+            batch = place_batch(host_batch) if place_batch is not None else host_batch
+            step_rng = jax.random.fold_in(rng, step)
+            adapter_params, opt_state, metrics = step_fn(
+                adapter_params, opt_state, frozen_params, batch, step_rng)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not np.isfinite(metrics["loss"]):
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                  if k.startswith("loss"))
+                raise NonFiniteLossError(
+                    f"{name}: non-finite loss at step {step} ({terms}); lower the learning rate or "
+                    "check the batch for empty reply masks")
+            # The first step of a run includes compilation, so the rates start after it.
+            throughput.update(first=step == start_step + 1, tokens=metrics["tokens"],
+                              batch_shape=np.shape(batch["input_ids"]))
+            metrics["step"] = step
+            now = time.perf_counter()
+            metrics["seconds"] = now - start
+            metrics["step_seconds"] = now - step_start
+            profiler.after_step(step)
+            history.append(metrics)
+            if on_metrics is not None:
+                on_metrics(step, metrics)
 
-        if checkpoints is not None:
-            checkpoints.record_metrics(step, metrics)
-        # Checked after every step's own work, so a SIGTERM during step k saves step k.
-        stop = stop_signal is not None and stop_signal.requested()
-        if checkpoints is not None:
-            if stop or step == num_steps or checkpoints.due(step):
-                state = {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng}
-                checkpoints.save(step, state, getattr(batches, "position", step))
+            if checkpoints is not None:
+                checkpoints.record_metrics(step, metrics)
+            # Checked after every step's own work, so a SIGTERM during step k saves step k.
+            stop = stop_signal is not None and stop_signal.requested()
+            if checkpoints is not None:
+                if stop or step == num_steps or checkpoints.due(step):
+                    state = {"adapter_params": adapter_params, "opt_state": opt_state, "rng": rng}
+                    checkpoints.save(step, state, getattr(batches, "position", step))
 
-        if primary and (step % log_every == 0 or step == num_steps or step == start_step + 1):
-            terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()
-                             if k.startswith("loss/"))
-            # The time left is estimated from the steps after the first, which compiles.
-            left = (f"{throughput.seconds_per_step * (num_steps - step):.0f} s left"
-                    if throughput.steady_steps else "time left known after step 2")
-            logging.info("%s step %d/%d loss=%.4f %s grad_norm=%.3f | %s, %s", name, step,
-                         num_steps, metrics["loss"], terms, metrics["grad_norm"],
-                         throughput.summary(), left)
-        if stop:
-            signal_name = getattr(stop_signal, "signal_name", "SIGTERM")
-            if checkpoints is None:
-                raise TrainingStopped(name, step, None, signal_name)
-            checkpoints.wait()
-            raise TrainingStopped(name, step, str(checkpoints.directory), signal_name)
+            if primary and (step % log_every == 0 or step == num_steps or step == start_step + 1):
+                terms = " ".join(f"{k.split('/', 1)[1]}={v:.4f}" for k, v in metrics.items()
+                                 if k.startswith("loss/"))
+                # The time left is estimated from the steps after the first, which compiles.
+                left = (f"{throughput.seconds_per_step * (num_steps - step):.0f} s left"
+                        if throughput.steady_steps else "time left known after step 2")
+                logging.info("%s step %d/%d loss=%.4f %s grad_norm=%.3f | %s, %s", name, step,
+                             num_steps, metrics["loss"], terms, metrics["grad_norm"],
+                             throughput.summary(), left)
+            if stop:
+                signal_name = getattr(stop_signal, "signal_name", "SIGTERM")
+                if checkpoints is None:
+                    raise TrainingStopped(name, step, None, signal_name)
+                checkpoints.wait()
+                raise TrainingStopped(name, step, str(checkpoints.directory), signal_name)
+    finally:
+        # A trace still running (training stopped or failed inside its range) ends here.
+        profiler.close(len(history))
     return adapter_params, opt_state, history
 
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from ckt_jax import batching, checkpoint, distributed
 from ckt_jax import sharding as sharding_lib
 from ckt_jax.objective import LossFn
+from ckt_jax.profiling import StepProfiler
 from ckt_jax.throughput import Throughput
 from ckt_jax.train import StepShardings, make_train_step, opt_state_shardings, train_loop
 
@@ -50,12 +51,15 @@ def run_training(
     flops_per_step: Callable[[tuple], float] | None = None,
     peak_flops_per_device: float = 0.0,
     on_metrics: Callable[[int, dict], None] | None = None,
+    profiler: StepProfiler | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train adapters for `num_steps` steps, resuming from `checkpoint_dir` when it has a step.
 
     `adapter_params` and `frozen_params` hold the same full values on every process. `identity`
     is stored in every checkpoint and must match on restore; fingerprints of the frozen trees
-    are added to it here. `on_metrics(step, metrics)` is called after every step. Returns (adapter_params, metrics of steps 1..num_steps).
+    are added to it here. `on_metrics(step, metrics)` is called after every step, and
+    `profiler` traces the steps it names. Returns (adapter_params, metrics of steps
+    1..num_steps).
     """
     sharding_lib.check_batch_fits_mesh(batch_size, mesh, accumulation_steps)
     packed_rows = getattr(batches, "pack_rows", 0)
@@ -99,7 +103,7 @@ def run_training(
                 frozen_params=frozen_params, batches=batches, num_steps=num_steps, rng=rng,
                 log_every=log_every, name=name, start_step=start_step, history=history,
                 place_batch=placer, checkpoints=checkpoints, stop_signal=stop_signal,
-                throughput=throughput, on_metrics=on_metrics)
+                throughput=throughput, on_metrics=on_metrics, profiler=profiler)
     finally:
         if checkpoints is not None:
             checkpoints.close()

@@ -141,6 +141,10 @@ def get_config() -> config_dict.ConfigDict:
     c.train.compute_dtype = "float32"    # Activations and matrix products (bfloat16 on TPU/GPU).
     c.train.output_dtype = "float32"     # Logits; every loss is computed in float32 anyway.
     c.train.peak_flops_per_device = 0.0  # FLOP/s of one device at compute_dtype; 0 = no MFU.
+    # "A:B" traces steps A to B of each training stage with jax.profiler into
+    # <workdir>/logs/<run>/profile/ (for TensorBoard) and logs where the CPU threads spent their
+    # time, by kind of operation (also in profile/summary.json). "" = no trace.
+    c.train.profile_steps = ""
 
     # Checkpoints of the training stages, in <stage dir>/checkpoints; a re-run resumes from them.
     c.checkpoint = config_dict.ConfigDict()
