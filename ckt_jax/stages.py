@@ -942,17 +942,61 @@ def run_eval(ctx: Context, models: tuple[str, ...] | None = None) -> None:
     for name in models or ("base", "teacher", ctx.student_name):
         model_dir = eval_dir / name
         record = {"eval": cfg.to_dict(), "model": upstream.get(name, {"model": ctx.config.model})}
-        if workdir.stage_done(model_dir, record):
+        trained = _training_digest(ctx, name)
+        if _evaluation_current(model_dir, record, trained):
             logging.info("eval: reusing %s", model_dir)
         else:
-            _evaluate_model(ctx, name, model_dir, record, subsets, rows_by_key, judge, eval_dir)
+            _evaluate_model(ctx, name, model_dir, record, subsets, rows_by_key, judge, eval_dir,
+                            trained)
         role = "student" if name == ctx.student_name else name
         if role in evaluation.robustness_models(ctx.config):
             _evaluate_robustness(ctx, name, model_dir, subsets)
 
 
+# The evaluated model's training run, by the SHA-256 of its history.jsonl (which records every
+# step's wall time, so a retrained model with the same config gets another digest).
+TRAINED_FILE = "trained_from.json"
+
+
+def _training_digest(ctx: Context, name: str) -> str | None:
+    """Return the digest of `name`'s training history from its stage record, or None."""
+    stage_dir = {"teacher": ctx.stage_dir("teacher"), ctx.student_name: ctx.student_dir}.get(name)
+    try:
+        files = json.loads((stage_dir / "stage.json").read_text()).get("files", {})
+    except (TypeError, OSError, json.JSONDecodeError):
+        return None
+    return files.get("history.jsonl")
+
+
+def _evaluated_training(model_dir: pathlib.Path) -> str | None:
+    """Return the training digest an evaluation was made from, or None if it has none."""
+    try:
+        return json.loads((model_dir / TRAINED_FILE).read_text())["history_sha256"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+def _evaluation_current(model_dir: pathlib.Path, record: dict, trained: str | None) -> bool:
+    """Tell whether `model_dir` has a finished evaluation of this config and training run.
+
+    An evaluation of an earlier training run of the same config (its model was trained again
+    after its directory was deleted) is marked unfinished, so it is evaluated again. One written
+    before evaluations recorded their training run is reused.
+    """
+    if not workdir.stage_done(model_dir, record):
+        return False
+    if _evaluated_training(model_dir) in (None, trained):
+        return True
+    logging.info("eval: %s was evaluated on an earlier training run; evaluating it again",
+                 model_dir)
+    # Unfinished until the new results are written, if this run is stopped.
+    (model_dir / "stage.json").unlink()
+    return False
+
+
 def _evaluate_model(ctx: Context, name: str, model_dir: pathlib.Path, record: dict, subsets,
-                    rows_by_key: dict, judge, eval_dir: pathlib.Path) -> None:
+                    rows_by_key: dict, judge, eval_dir: pathlib.Path,
+                    trained: str | None = None) -> None:
     cfg = ctx.config.eval
     model_config, params = _model_for_eval(ctx, name)
     flat = [(split, row) for split in subsets for row in subsets[split]]
@@ -1001,6 +1045,8 @@ def _evaluate_model(ctx: Context, name: str, model_dir: pathlib.Path, record: di
     if name == ctx.student_name:
         result.update(_distillation_metrics(ctx, eval_dir, subsets, params))
     workdir.write_json(model_dir / "metrics.json", result)
+    if trained is not None:
+        workdir.write_json(model_dir / TRAINED_FILE, {"history_sha256": trained})
     workdir.mark_stage_done(model_dir, record, result)
     logging.info("eval %s: %s", name, json.dumps(
         {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}))

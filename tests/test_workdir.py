@@ -78,3 +78,42 @@ def test_unwritable_workdir_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(pathlib.Path, "write_text", refuse_probe)
     with pytest.raises(workdir.WorkdirError, match="cannot be written \\(Permission denied\\)"):
         workdir.prepare_workdir(root)
+
+
+def test_evaluation_of_an_earlier_training_run_is_redone(tmp_path):
+    from types import SimpleNamespace
+
+    from ckt_jax import stages
+
+    student_dir = tmp_path / "students" / "student"
+    ctx = SimpleNamespace(stage_dir=lambda name: tmp_path / name, student_name="student",
+                          student_dir=student_dir)
+    assert stages._training_digest(ctx, "student") is None
+    student_dir.mkdir(parents=True)
+    (student_dir / "history.jsonl").write_text('{"step": 1, "seconds": 3.0}\n')
+    workdir.mark_stage_done(student_dir, {"distill": 1})
+    first = stages._training_digest(ctx, "student")
+    assert first is not None and stages._training_digest(ctx, "base") is None
+
+    model_dir = tmp_path / "eval" / "student"
+    record = {"eval": {"limit": 4}}
+    model_dir.mkdir(parents=True)
+    (model_dir / stages.TRAINED_FILE).write_text(json.dumps({"history_sha256": first}))
+    workdir.mark_stage_done(model_dir, record)
+    assert stages._evaluation_current(model_dir, record, first)
+    # Trained again with the same config: the history (its wall times) differs.
+    (student_dir / "history.jsonl").write_text('{"step": 1, "seconds": 2.5}\n')
+    workdir.mark_stage_done(student_dir, {"distill": 1})
+    second = stages._training_digest(ctx, "student")
+    assert second != first
+    assert not stages._evaluation_current(model_dir, record, second)
+    # Marked unfinished, so a stopped re-evaluation never looks done.
+    assert not (model_dir / "stage.json").exists()
+
+
+def test_evaluation_without_a_training_record_is_reused(tmp_path):
+    from ckt_jax import stages
+
+    record = {"eval": {"limit": 4}}
+    workdir.mark_stage_done(tmp_path, record)
+    assert stages._evaluation_current(tmp_path, record, "abc")
