@@ -60,6 +60,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
+def check_output_path(parser: argparse.ArgumentParser, option: str, path) -> None:
+    """Stop with a one-line error unless `path` can be written, before any work starts.
+
+    Creates its missing directories and opens the file for appending; a file that did not
+    exist before is removed again.
+    """
+    if path is None:
+        return
+    if path.is_dir():
+        parser.error(f"{option}={str(path)!r} is a directory; pass a file path")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as error:
+        parser.error(f"{option}={str(path)!r} is not writable ({error.strerror}); pass a "
+                     "writable path")
+    if not existed:
+        path.unlink()
+
+
 # ---- the batch --------------------------------------------------------------------------------
 
 def make_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:

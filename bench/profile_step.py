@@ -89,21 +89,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="memory mode: config.train.vocab_chunk_size values")
     parser.add_argument("--remats", type=remat_list, default=list(REMATS),
                         help="memory mode: config.train.remat values")
-    parser.add_argument("--teacher-cache", type=int, default=0, metavar="K",
+    parser.add_argument("--teacher-cache", type=int, default=None, metavar="K",
                         help="cache mode: live teacher against its top-K cache (K >= 1)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
 
     args = parser.parse_args(argv)
     for option, path in (("--json", args.json), ("--hlo", args.hlo)):
-        if path is None:
-            continue
-        # Like bench/train_step.py, create the directory, but before any work rather than after.
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            parser.error(f"{option}={str(path)!r}: cannot create its directory "
-                         f"({error.strerror}); pass a writable path")
-    if args.teacher_cache < 0:
+        common.check_output_path(parser, option, path)
+    if args.teacher_cache is not None and args.teacher_cache < 1:
         parser.error(f"--teacher-cache={args.teacher_cache} is invalid; pass k >= 1 (or leave it "
                      "out)")
     if args.teacher_cache and args.memory:
@@ -111,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.teacher_cache and "kd_weight" not in common.OBJECTIVES[args.objective]:
         parser.error(f"--objective={args.objective} has no kd term to read from a teacher cache; "
                      "pass --objective kd or ckt")
+    if args.hlo is not None and (args.memory or args.teacher_cache):
+        parser.error("--hlo applies only to time mode; leave out --memory and --teacher-cache")
     if not args.memory:
         for option, value, default in (("--chunk-sizes", args.chunk_sizes, [0, 16]),
                                        ("--remats", args.remats, list(REMATS))):
@@ -235,6 +230,10 @@ def profile_cache(worker, args) -> dict:
     from ckt_jax.objective import ObjectiveConfig
 
     k = args.teacher_cache
+    if k > worker.config.vocab_size:
+        print(f"profile_step.py: --teacher-cache={k} exceeds the model's vocabulary of "
+              f"{worker.config.vocab_size} tokens; pass at most that", file=sys.stderr)
+        sys.exit(2)
     live = ObjectiveConfig(**common.OBJECTIVES[args.objective])
     cached = ObjectiveConfig(**common.OBJECTIVES[args.objective], cached_teacher_top_k=k)
     labels = {"live": "live", "cached": f"top:{k}"}
@@ -273,7 +272,7 @@ def profile_cache(worker, args) -> dict:
         print(f"{row['teacher']:<8} {row['seconds']:7.3f} {row['temp_bytes'] / 2**20:12.0f} "
               f"{row['argument_bytes'] / 2**20:13.0f} {row['peak_rss_bytes'] / 2**20:12.0f}")
     cut = 1.0 - rows["cached"]["seconds"] / rows["live"]["seconds"]
-    print(f"step time {cut:.1%} lower from the cache")
+    print(f"step time {abs(cut):.1%} {'lower' if cut >= 0 else 'higher'} with the cache")
     return {"objective": args.objective, "precision": args.precision, "batch": args.batch,
             "seq_len": args.seq_len, "top_k": k, "rows": list(rows.values()),
             "step_time_cut": cut}

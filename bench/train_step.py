@@ -141,7 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write results here")
     parser.add_argument("--verbose", action="store_true",
                         help="show the workers' logs instead of keeping them in files")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    common.check_output_path(parser, "--json", args.json)
+    return args
 
 
 def require_torch() -> None:

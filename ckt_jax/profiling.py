@@ -37,7 +37,8 @@ def thread_seconds_by_kind(trace_dir: str | pathlib.Path, steps: int) -> tuple[d
     """Busy seconds per step of XLA's CPU worker threads by kind of operation, and their total.
 
     Reads the newest `*.xplane.pb` under `trace_dir`. Returns ({kind: seconds}, total), largest
-    kind first, each divided by `steps`.
+    kind first, each divided by `steps`. The kinds include `SlinkyThreadPool::Await`, the time a
+    thread waits inside XLA's pool for work it handed out.
     """
     planes = sorted(pathlib.Path(trace_dir).rglob("*.xplane.pb"),
                     key=lambda path: path.stat().st_mtime)
@@ -83,6 +84,9 @@ class StepProfiler:
         """Stop a trace that is still running after `step`, the last step that ran."""
         if self.started_at is not None:
             self._stop(step)
+        elif self.summary is None and step < self.first:
+            logging.warning("%s: profile steps %d-%d start after the last step %d; nothing was "
+                            "traced", self.name, self.first, self.last, step)
 
     def _stop(self, step: int) -> None:
         jax.profiler.stop_trace()
@@ -99,7 +103,13 @@ class StepProfiler:
                         "busy_thread_seconds_per_step": busy, "thread_seconds_by_kind": kinds}
         self.started_at = None
         if jax.process_index() == 0:
-            (self.directory / "summary.json").write_text(json.dumps(self.summary, indent=1))
+            path = self.directory / "summary.json"
+            if path.exists():
+                # A resumed run traces the rest of the range; the earlier summary is kept.
+                earlier = json.loads(path.read_text())
+                path.rename(path.with_name(
+                    f"summary-steps-{earlier['first_step']}-{earlier['last_step']}.json"))
+            path.write_text(json.dumps(self.summary, indent=1))
             top = ", ".join(f"{kind} {seconds:.2f}" for kind, seconds in list(kinds.items())[:5])
             logging.info("%s: profiled steps %d-%d in %s; busy CPU thread-seconds per step "
                          "%.2f (%s)", self.name, self.summary["first_step"], step,

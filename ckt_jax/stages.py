@@ -980,17 +980,16 @@ def _evaluation_current(model_dir: pathlib.Path, record: dict, trained: str | No
     """Tell whether `model_dir` has a finished evaluation of this config and training run.
 
     An evaluation of an earlier training run of the same config (its model was trained again
-    after its directory was deleted) is marked unfinished, so it is evaluated again. One written
-    before evaluations recorded their training run is reused.
+    after its directory was deleted) is not current. One written before evaluations recorded
+    their training run, or of a model whose training record is missing, is reused.
     """
     if not workdir.stage_done(model_dir, record):
         return False
-    if _evaluated_training(model_dir) in (None, trained):
+    evaluated = _evaluated_training(model_dir)
+    if evaluated is None or trained is None or evaluated == trained:
         return True
     logging.info("eval: %s was evaluated on an earlier training run; evaluating it again",
                  model_dir)
-    # Unfinished until the new results are written, if this run is stopped.
-    (model_dir / "stage.json").unlink()
     return False
 
 
@@ -999,6 +998,9 @@ def _evaluate_model(ctx: Context, name: str, model_dir: pathlib.Path, record: di
                     trained: str | None = None) -> None:
     cfg = ctx.config.eval
     model_config, params = _model_for_eval(ctx, name)
+    # An earlier evaluation stays finished until the model loads. From here on it is replaced,
+    # so a run stopped before the new results are written leaves it unfinished.
+    (model_dir / "stage.json").unlink(missing_ok=True)
     flat = [(split, row) for split in subsets for row in subsets[split]]
     prompts = [row["prompt"] for _, row in flat]
     # The likelihood margins come from the generation's own prefill of each prompt.

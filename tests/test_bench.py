@@ -79,6 +79,14 @@ def test_train_step_bad_objective_one_line(subprocess_env):
     assert "ce_lora,kd,ckt" in lines[0]
 
 
+def test_train_step_unwritable_json_fails_before_any_work(subprocess_env):
+    result = run_script(TRAIN_STEP, ["--json", "/proc/x.json"], subprocess_env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "train_step.py: --json='/proc/x.json' is not writable (No such file or "
+        "directory); pass a writable path"]
+
+
 def test_train_step_missing_torch_one_line(subprocess_env):
     # Hide torch from the import system, as in an environment without the test extras.
     code = ("import runpy, sys; sys.modules['torch'] = None; "
@@ -163,7 +171,15 @@ def test_profile_step_cache_mode_matches_the_live_teacher(subprocess_env, tmp_pa
     # Without a teacher forward the teacher's weights are no longer step arguments.
     assert cached["argument_bytes"] < live["argument_bytes"]
     assert report["step_time_cut"] == pytest.approx(1 - cached["seconds"] / live["seconds"])
-    assert "lower from the cache" in result.stdout
+    assert "with the cache" in result.stdout
+
+
+def test_profile_step_cache_k_above_vocabulary(subprocess_env):
+    result = run_script(PROFILE_STEP, [*PROFILE_TINY, "--teacher-cache", "257", "--objective",
+                                       "kd"], subprocess_env)
+    assert result.returncode == 2
+    assert "--teacher-cache=257 exceeds the model's vocabulary of 256 tokens" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -174,7 +190,11 @@ def test_profile_step_cache_mode_matches_the_live_teacher(subprocess_env, tmp_pa
     (["--chunk-sizes", "a,16"], "'a,16' is not a comma-separated list of integers"),
     (["--chunk-sizes", "1,,2"], "'1,,2' is not a comma-separated list of integers"),
     (["--remats", "full,"], "unknown policies ['']"),
-    (["--json", "/proc/no/such.json"], "cannot create its directory"),
+    (["--json", "/proc/no/such.json"], "is not writable"),
+    (["--json", "/proc/x.json"], "is not writable"),
+    (["--json", "/tmp"], "is a directory"),
+    (["--teacher-cache", "0"], "--teacher-cache=0 is invalid"),
+    (["--teacher-cache", "8", "--hlo", "/tmp/x.hlo"], "--hlo applies only to time mode"),
     (["--remats", "none,most"], "unknown policies ['most']"),
     (["--steps", "0"], "--steps=0 is invalid"),
 ])

@@ -66,3 +66,29 @@ def test_profile_range_past_the_last_step(tmp_path):
     summary = json.loads((tmp_path / "profile" / "summary.json").read_text())
     assert (summary["first_step"], summary["last_step"]) == (2, 3)
     assert summary["busy_thread_seconds_per_step"] > 0
+
+
+def test_resumed_trace_keeps_the_earlier_summary(tmp_path):
+    product = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    x = jnp.ones((128, 128))
+    for steps in ((2, 2), (3, 4)):
+        # The second profiler is a resumed run: it starts inside the range 2:4.
+        profiler = profiling.StepProfiler((steps[0], 4), tmp_path, name="unit")
+        for step in range(steps[0], steps[1] + 1):
+            profiler.before_step(step)
+            product(x).block_until_ready()
+            profiler.after_step(step)
+        profiler.close(steps[1])
+    assert json.loads((tmp_path / "summary.json").read_text())["first_step"] == 3
+    assert json.loads((tmp_path / "summary-steps-2-2.json").read_text())["last_step"] == 2
+
+
+def test_range_after_the_last_step_warns(tmp_path, caplog):
+    profiler = profiling.StepProfiler((5, 9), tmp_path, name="unit")
+    for step in (1, 2):
+        profiler.before_step(step)
+        profiler.after_step(step)
+    with caplog.at_level("WARNING"):
+        profiler.close(2)
+    assert "start after the last step 2; nothing was traced" in caplog.text
+    assert not list(tmp_path.iterdir())

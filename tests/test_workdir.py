@@ -107,8 +107,11 @@ def test_evaluation_of_an_earlier_training_run_is_redone(tmp_path):
     second = stages._training_digest(ctx, "student")
     assert second != first
     assert not stages._evaluation_current(model_dir, record, second)
-    # Marked unfinished, so a stopped re-evaluation never looks done.
-    assert not (model_dir / "stage.json").exists()
+    # Deciding changes nothing: the earlier results stay until the model loads and they are
+    # replaced, so an eval that fails to load the model loses nothing.
+    assert (model_dir / "stage.json").exists()
+    # A model without a training record (its directory deleted) cannot be compared.
+    assert stages._evaluation_current(model_dir, record, None)
 
 
 def test_evaluation_without_a_training_record_is_reused(tmp_path):
