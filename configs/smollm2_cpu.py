@@ -5,7 +5,7 @@
 Stages: build the data splits, generate the base model's replies to benign prompts (the answering
 targets), fine-tune a safety teacher (LoRA rank 32 on every linear layer, merged), distil it into
 a LoRA student on a frozen backbone, evaluate base, teacher and student, and write the report.
-Sized for a 2-core CPU with 24 GiB; the whole job measured 29 minutes there. The same file scales to
+Sized for a 2-core CPU with 24 GiB; the whole job measured 21 minutes there. The same file scales to
 accelerators by raising the step counts, batch sizes and eval subsets (`--config.eval.limit=0`
 evaluates every prompt).
 """
