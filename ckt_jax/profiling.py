@@ -34,7 +34,7 @@ def parse_steps(text: str, field: str = "config.train.profile_steps") -> tuple[i
 
 
 def thread_seconds_by_kind(trace_dir: str | pathlib.Path, steps: int) -> tuple[dict, float]:
-    """Busy seconds per step of XLA's CPU worker threads by kind of operation, and their total.
+    """Sum the busy seconds per step of XLA's CPU worker threads by kind of operation.
 
     Reads the newest `*.xplane.pb` under `trace_dir`. Returns ({kind: seconds}, total), largest
     kind first, each divided by `steps`. The kinds include `SlinkyThreadPool::Await`, the time a
@@ -59,7 +59,7 @@ def thread_seconds_by_kind(trace_dir: str | pathlib.Path, steps: int) -> tuple[d
 
 
 class StepProfiler:
-    """Start a trace before step `first` and stop it after step `last` (or at `close`)."""
+    """A trace started before step `first` and stopped after step `last` (or at `close`)."""
 
     def __init__(self, steps: tuple[int, int] | None, directory: str | pathlib.Path,
                  name: str = "train"):
