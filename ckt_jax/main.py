@@ -147,8 +147,31 @@ def _config_path_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
         elif arg == "--config" and i + 1 < len(argv):
             path = argv[i + 1]
         elif arg.startswith("--config."):
-            overrides.append(arg[len("--config."):].split("=", 1)[0])
+            field, _, value = arg[len("--config."):].partition("=")
+            overrides.append((field, value if "=" in arg else None))
     return path, overrides
+
+
+_BOOL_WORDS = ("true", "false", "t", "f", "1", "0")
+
+
+def _value_problem(field: str, current, value: str | None) -> str | None:
+    """Return a one-line problem when `value` cannot become the type of `current`, or None."""
+    if value is None:
+        return None
+    if isinstance(current, bool):
+        if value.lower() not in _BOOL_WORDS:
+            return (f"--config.{field}={value!r} is not a boolean; use True or False")
+        return None
+    kinds = ((int, "a whole number", int), (float, "a number", float))
+    for kind, words, parse in kinds:
+        if isinstance(current, kind):
+            try:
+                parse(value)
+            except ValueError:
+                return f"--config.{field}={value!r} is not {words}; use, for example, {current!r}"
+            return None
+    return None
 
 
 def check_config_args(argv: list[str]) -> str | None:
@@ -174,7 +197,7 @@ def check_config_args(argv: list[str]) -> str | None:
     if not isinstance(config, config_dict.ConfigDict):
         return (f"get_config() of {path!r} returned a {type(config).__name__}, not an "
                 "ml_collections ConfigDict; build it from configs/smollm2_cpu.py's get_config()")
-    for field in overrides:
+    for field, value in overrides:
         node = config
         for depth, part in enumerate(field.split(".")):
             if not hasattr(node, "keys") or part not in node:
@@ -183,6 +206,9 @@ def check_config_args(argv: list[str]) -> str | None:
                 return (f"unknown config field {field!r} (--config.{field}); fields of "
                         f"{where}: {known}")
             node = node[part]
+        problem = _value_problem(field, node, value)
+        if problem is not None:
+            return problem
     return None
 
 

@@ -34,6 +34,28 @@ def test_unknown_config_field(tmp_path):
     assert_one_line_error(result, "distill.stepz", "steps")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("distill.steps=abc", "--config.distill.steps='abc' is not a whole number"),
+    ("distill.steps=2.5", "--config.distill.steps='2.5' is not a whole number"),
+    ("distill.temperature=hot", "--config.distill.temperature='hot' is not a number"),
+    ("train.scan_layers=maybe", "--config.train.scan_layers='maybe' is not a boolean"),
+])
+def test_override_value_of_the_wrong_type(override, message):
+    from ckt_jax import main
+    problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
+                                      f"--config.{override}"])
+    assert problem is not None and problem.startswith(message), problem
+
+
+@pytest.mark.parametrize("override", ["distill.steps=7", "distill.temperature=2",
+                                      "distill.temperature=1e-1", "train.scan_layers=False",
+                                      "train.scan_layers=1", "train.scan_layers"])
+def test_override_value_of_the_right_type(override):
+    from ckt_jax import main
+    assert main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
+                                   f"--config.{override}"]) is None
+
+
 def test_missing_config_file(tmp_path):
     result = run_main("--config", "configs/no_such.py", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "configs/no_such.py", "not found")
