@@ -294,6 +294,28 @@ def load_hf_checkpoint(directory) -> tuple[LlamaConfig, dict]:
     return config, _contiguous(params)
 
 
+def model_vocab_size(spec) -> int:
+    """Read a model's vocabulary size from its metadata, without reading its weights.
+
+    ``spec`` is a ``.gguf`` file or a Hugging Face directory, as for ``load_model``.
+    """
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found; pass a Hugging Face model "
+                                    "directory containing config.json")
+        return from_hf_config(json.loads(config_path.read_text()),
+                              where=str(config_path)).vocab_size
+    reader = _open_gguf(path)
+    for tensor in reader.tensors:
+        if tensor.name == "token_embd.weight":
+            # GGUF lists dimensions innermost first: [hidden, vocabulary].
+            return int(tensor.shape[-1])
+    raise ValueError(f"GGUF file {path} has no tensor 'token_embd.weight'; pass a llama.cpp "
+                     "GGUF file of a llama-architecture model")
+
+
 def load_model(spec) -> tuple[LlamaConfig, dict]:
     """Load a model from a ``.gguf`` file path or a Hugging Face directory."""
     path = pathlib.Path(spec).expanduser()

@@ -95,6 +95,7 @@ def run(config, workdir_path: str) -> None:
                              "multi-process settings (one host, any number of local devices)")
         studies.run_study(ctx)
         return
+    stages.check_model_settings(ctx, selected)
     logging.info("work directory %s, stages %s", ctx.root, ",".join(selected))
     if any(name in SHARDED_STAGES for name in selected):
         logging.info("training mesh %s", sharding.describe(ctx.mesh))

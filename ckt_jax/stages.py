@@ -32,7 +32,7 @@ from ckt_jax import (batching, checkpoint, distributed, evaluation, lora, losses
 from ckt_jax.data import builder as data_builder
 from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
-from ckt_jax.loading import find_smollm2_gguf, load_model
+from ckt_jax.loading import find_smollm2_gguf, load_model, model_vocab_size
 from ckt_jax.model import REMAT_POLICIES, Llama, LlamaConfig, LoraConfig
 from ckt_jax.objective import ObjectiveConfig, build_objective
 from ckt_jax.refusal_detector import is_refusal, validate_against_human_labels
@@ -215,6 +215,24 @@ def _validate_teacher_cache(distill) -> None:
                          "from the teacher cache, which keeps only the top-k; set "
                          "config.distill.divergence=forward_kl or "
                          "config.distill.teacher_cache.enabled=False")
+
+
+def _check_cache_top_k(top_k: int, vocab_size: int) -> None:
+    if top_k > vocab_size:
+        raise ValueError(f"config.distill.teacher_cache.top_k={top_k} exceeds the vocabulary "
+                         f"size {vocab_size}; use at most that")
+
+
+def check_model_settings(ctx: "Context", selected: tuple[str, ...] | list[str]) -> None:
+    """Check the settings that depend on the model's files, before any of `selected` runs.
+
+    Reads the model's metadata only, so a bad value fails in seconds, not after the stages
+    before the one that uses it.
+    """
+    cache = ctx.config.distill.get("teacher_cache")
+    if "distill" in selected and cache is not None and cache.enabled:
+        # The teacher shares the student's vocabulary (`teacher_params` checks it).
+        _check_cache_top_k(cache.top_k, model_vocab_size(ctx.model_path))
 
 
 def resolve_model_spec(spec: str) -> pathlib.Path:
@@ -848,9 +866,7 @@ def _teacher_cache(ctx: Context, objective: ObjectiveConfig, examples: list[batc
     section = ctx.config.distill
     teacher_config = teacher_model_config(ctx)
     top_k = section.teacher_cache.top_k
-    if top_k > teacher_config.vocab_size:
-        raise ValueError(f"config.distill.teacher_cache.top_k={top_k} exceeds the vocabulary "
-                         f"size {teacher_config.vocab_size}; use at most that")
+    _check_cache_top_k(top_k, teacher_config.vocab_size)
     precision = Precision.from_config(ctx.config.train)
     model_kwargs = _model_kwargs(ctx.config.train)
     teacher = Llama(teacher_config, **model_kwargs)

@@ -129,6 +129,22 @@ def test_smollm2_gguf_config(smollm2_gguf_path, smollm2_flax):
     assert params["layers"]["mlp"]["down"]["kernel"].shape == (30, 1536, 576)
 
 
+@pytest.mark.real
+def test_vocab_size_from_gguf(smollm2_gguf_path, smollm2_flax):
+    assert loading.model_vocab_size(smollm2_gguf_path) == smollm2_flax[0].vocab_size == 49152
+
+
+def test_vocab_size_from_hf_config(tmp_path):
+    from ckt_jax.hf_config import to_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(to_hf_config(TINY)))
+    assert loading.model_vocab_size(tmp_path) == TINY.vocab_size
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        loading.model_vocab_size(empty)
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 

@@ -40,7 +40,7 @@ def test_unknown_config_field(tmp_path):
     ("distill.temperature=hot", "--config.distill.temperature='hot' is not a number"),
     ("train.scan_layers=maybe", "--config.train.scan_layers='maybe' is not a boolean"),
 ])
-def test_override_value_of_the_wrong_type(override, message):
+def test_override_of_wrong_type(override, message):
     from ckt_jax import main
     problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
                                       f"--config.{override}"])
@@ -50,10 +50,20 @@ def test_override_value_of_the_wrong_type(override, message):
 @pytest.mark.parametrize("override", ["distill.steps=7", "distill.temperature=2",
                                       "distill.temperature=1e-1", "train.scan_layers=False",
                                       "train.scan_layers=1", "train.scan_layers"])
-def test_override_value_of_the_right_type(override):
+def test_override_of_right_type(override):
     from ckt_jax import main
     assert main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
                                    f"--config.{override}"]) is None
+
+
+def test_cache_top_k_above_vocab_fails_early(tmp_path):
+    workdir = tmp_path / "w"
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir),
+                      "--config.distill.teacher_cache.enabled=True",
+                      "--config.distill.teacher_cache.top_k=100000")
+    assert_one_line_error(result, "config.distill.teacher_cache.top_k=100000 exceeds the "
+                          "vocabulary size 49152")
+    assert not (workdir / "data").exists()
 
 
 def test_missing_config_file(tmp_path):
