@@ -27,7 +27,7 @@ from ml_collections import config_dict, config_flags  # noqa: E402
 
 from ckt_jax import (config_files, distributed, modes, sharding, stages,  # noqa: E402
                      studies, workdir)
-from ckt_jax.train import TrainingStopped  # noqa: E402
+from ckt_jax.train import NonFiniteLossError, TrainingStopped  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and the report.")
@@ -132,6 +132,12 @@ def main(argv) -> None:
         # The log line already reaches stderr, so the message is not printed a second time.
         logging.warning("%s", stopped)
         sys.exit(stopped.exit_status)
+    except NonFiniteLossError as err:
+        # The run itself failed, not its input: checkpoints up to the previous save are kept.
+        if os.environ.get("CKT_JAX_TRACEBACK"):
+            raise
+        print(f"ckt_jax: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except INPUT_ERRORS as err:
         if os.environ.get("CKT_JAX_TRACEBACK"):
             raise

@@ -96,6 +96,14 @@ def render(workdirs: list[pathlib.Path], page: pathlib.Path,
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _page_workdirs(page: pathlib.Path) -> set[str]:
+    """Return the names of the work directories that an existing page has sections for."""
+    if not page.is_file():
+        return set()
+    return {line[len("## `"):-1] for line in page.read_text().splitlines()
+            if line.startswith("## `") and line.endswith("`")}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", action="append", required=True, type=pathlib.Path,
@@ -106,10 +114,17 @@ def main(argv=None) -> None:
                         default=ROOT / "docs" / "results_notes.md",
                         help="hand-written commentary included after the introduction "
                              "(default: docs/results_notes.md, skipped when it does not exist)")
+    parser.add_argument("--replace", action="store_true",
+                        help="let the page drop work directories that its current version shows")
     args = parser.parse_args(argv)
     for root in args.workdir:
         if not root.is_dir():
             parser.error(f"--workdir {root} is not a directory; pass a finished work directory")
+    dropped = sorted(_page_workdirs(args.out) - {root.resolve().name for root in args.workdir})
+    if dropped and not args.replace:
+        parser.error(f"{args.out} shows the work directories {', '.join(dropped)}, which no "
+                     "--workdir names; pass them too, write elsewhere with --out, or pass "
+                     "--replace to drop them")
     try:
         text = render([root.resolve() for root in args.workdir], args.out.resolve(),
                       args.notes if args.notes.is_file() else None)

@@ -76,7 +76,20 @@ def validate_config(config) -> None:
                          "configs/smollm2_cpu.py, which sets every field") from None
 
 
+def _non_finite_fields(node, prefix: str = "config"):
+    """Yield (dotted name, value) for every NaN or infinite float of a config tree."""
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, config_dict.ConfigDict):
+            yield from _non_finite_fields(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            yield name, value
+
+
 def _validate_values(config) -> None:
+    for name, value in _non_finite_fields(config):
+        # A NaN fails every comparison below, so `weight > 0` would switch a term off silently.
+        raise ValueError(f"{name}={value} is not a finite number; use a finite value")
     name = str(config.student_name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("base", "teacher"):
         raise ValueError(f"config.student_name={name!r} is invalid; use letters, digits, '_', "

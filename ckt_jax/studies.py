@@ -179,6 +179,13 @@ def study_cells(config) -> list[Cell]:
     if len(set(names)) != len(names):
         raise ValueError(f"config.study.grid={config.study.grid!r} repeats a value; list each "
                          "value once")
+    for cell in cells:
+        # Each cell's config must pass the checks of a plain run, before any cell trains.
+        try:
+            stages.validate_config(cell_config(config, cell))
+        except ValueError as err:
+            raise ValueError(f"config.study.grid={config.study.grid!r}, value {cell.name!r}: "
+                             f"{err}") from None
     return cells
 
 

@@ -124,6 +124,8 @@ def test_invalid_train_settings(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("log_every=0", "config.log_every=0 must be >= 1"),
+    ("distill.kd_weight=nan", "config.distill.kd_weight=nan is not a finite number"),
+    ("distill.temperature=inf", "config.distill.temperature=inf is not a finite number"),
     ("eval.limit=-1", "config.eval.limit=-1 must be >= 0"),
     ("distill.learning_rate=-1", "config.distill.learning_rate=-1.0 must be > 0"),
     ("targets.batch_size=0", "config.targets.batch_size=0 must be >= 1"),

@@ -73,3 +73,25 @@ def test_page_keeps_study_committed_earlier(tmp_path):
     assert "### Study `kd_weight` (cpu size) in `studies`" in text
     assert "![kd_weight score.png](results/studies/kd_weight/score.png)" in text
     assert text.count("### Study `kd_weight`") == 1
+
+
+def test_page_keeps_unlisted_workdirs(tmp_path, capsys):
+    page = tmp_path / "results.md"
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    make_study(studies)
+    results_page.main(["--workdir", str(studies), "--out", str(page)])
+    before = page.read_text()
+
+    smoke = tmp_path / "smoke"
+    smoke.mkdir()
+    make_report(smoke)
+    with pytest.raises(SystemExit) as stopped:
+        results_page.main(["--workdir", str(smoke), "--out", str(page)])
+    assert stopped.value.code == 2
+    assert "shows the work directories studies, which no --workdir names" in capsys.readouterr().err
+    assert page.read_text() == before
+
+    results_page.main(["--workdir", str(smoke), "--out", str(page), "--replace"])
+    assert "## `smoke`" in page.read_text()
+    assert "## `studies`" not in page.read_text()

@@ -295,3 +295,11 @@ def test_flip_labels_swaps_targets():
         else:
             assert rows[i]["reply"] in refusals.REFUSAL_REPLIES
     assert stages.flip_labels(rows, 0.0, seed=0) == 0
+
+
+def test_grid_value_must_pass_run_checks():
+    config = load_study_config("kd_weight")
+    config.study.grid = "1,nan"
+    with pytest.raises(ValueError, match="value 'nan': config.distill.kd_weight=nan is not a "
+                                         "finite number"):
+        studies.study_cells(config)
