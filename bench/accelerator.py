@@ -20,7 +20,7 @@ When a batch size runs out of device memory under the `--remat` policy, it is re
 full rematerialization. A batch size is skipped when the time already spent plus the previous
 batch size's time would pass `--time-budget`. The JSON is rewritten after every batch size, so
 a run stopped early keeps what it measured. It goes to `--json`, by default
-`$OUT/accelerator.json` when OUT is set and `accelerator.json` otherwise.
+`$OUT/accelerator.json` when OUT is set and `runs/accelerator.json` otherwise.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-budget", type=float, default=390.0,
                         help="seconds after which no further batch size starts")
     parser.add_argument("--json", type=pathlib.Path, default=None,
-                        help="output file (default $OUT/accelerator.json or ./accelerator.json)")
+                        help="output file (default $OUT/accelerator.json or runs/accelerator.json)")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run the full-size model even when JAX finds only CPU devices")
     args = parser.parse_args(argv)
@@ -109,10 +109,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "
                          "pass an integer >= 1")
+    for option in ("peak_tflops", "time_budget"):
+        if not getattr(args, option) > 0:
+            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "
+                         "pass a number > 0")
     if args.json is None:
         out = os.environ.get("OUT")
         args.json = pathlib.Path(out) / "accelerator.json" if out else pathlib.Path(
-            "accelerator.json")
+            "runs", "accelerator.json")
+    common.check_output_path(parser, "--json", args.json)
     return args
 
 

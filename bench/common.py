@@ -76,6 +76,10 @@ def check_output_path(parser: argparse.ArgumentParser, option: str, path) -> Non
         with path.open("a"):
             pass
     except OSError as error:
+        blocking = next((parent for parent in path.parents if parent.is_file()), None)
+        if blocking is not None:
+            parser.error(f"{option}={str(path)!r} is invalid: {str(blocking)!r} is a file, not a "
+                         "directory; pass a path under a directory")
         parser.error(f"{option}={str(path)!r} is not writable ({error.strerror}); pass a "
                      "writable path")
     if not existed:

@@ -203,3 +203,20 @@ def test_profile_step_bad_options_one_line(subprocess_env, args, fragment):
     assert result.returncode == 2
     assert fragment in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--json", "/tmp"], "is a directory"),
+    (["--json", "{file}/x.json"], "is a file, not a directory"),
+    (["--peak-tflops", "0"], "--peak-tflops=0.0 is invalid"),
+    (["--peak-tflops", "-5"], "--peak-tflops=-5.0 is invalid"),
+    (["--time-budget", "0"], "--time-budget=0.0 is invalid"),
+])
+def test_accelerator_bad_options_one_line(subprocess_env, tmp_path, args, fragment):
+    blocking = tmp_path / "a_file"
+    blocking.write_text("")
+    args = [arg.format(file=blocking) for arg in args]
+    result = run_script(ACCELERATOR, ["--tiny", *args], subprocess_env, timeout=60)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
