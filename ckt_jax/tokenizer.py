@@ -125,7 +125,18 @@ class ChatTokenizer:
         cache_dir = pathlib.Path(cache_dir)
         if not (cache_dir / "tokenizer.json").is_file():
             _convert_gguf_tokenizer(gguf_path, cache_dir)
-        return cls.from_hf_directory(cache_dir)
+        try:
+            return cls.from_hf_directory(cache_dir)
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception.
+            # The cache holds only what the GGUF file rebuilds, so a damaged one is replaced.
+            logger.warning("tokenizer cache %s is unreadable (%s); building it again",
+                           cache_dir, str(err).splitlines()[0] if str(err) else type(err).__name__)
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (cache_dir / name).unlink(missing_ok=True)
+            if not any(cache_dir.iterdir()):
+                cache_dir.rmdir()
+            _convert_gguf_tokenizer(gguf_path, cache_dir)
+            return cls.from_hf_directory(cache_dir)
 
     def save_pretrained(self, directory) -> None:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja``.

@@ -67,8 +67,11 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
         return False
     try:
         content = json.loads(path.read_text())
+        if (not isinstance(content, dict) or not isinstance(content.get("config"), dict)
+                or not isinstance(content.get("files", {}), dict)):
+            raise ValueError("it is not an object with a 'config' object")
         stored = content["config"]
-    except (json.JSONDecodeError, KeyError) as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise WorkdirError(f"{path} is unreadable ({err}); delete {stage_dir} to redo the stage"
                            ) from err
     old, new = flatten_record(stored), flatten_record(json.loads(json.dumps(record)))

@@ -237,3 +237,14 @@ def test_tokenizer_cache_reused(smollm2_gguf_path, tmp_path):
     second = ChatTokenizer.from_hf_directory(cache_dir)
     assert second.encode("cache check") == first.encode("cache check")
     assert second.chat_template == first.chat_template
+
+
+@pytest.mark.real
+def test_truncated_tokenizer_cache_rebuilt(smollm2_gguf_path, tmp_path):
+    cache_dir = tmp_path / "tok"
+    first = ChatTokenizer.from_gguf(smollm2_gguf_path, cache_dir=cache_dir)
+    whole = (cache_dir / "tokenizer.json").read_bytes()
+    (cache_dir / "tokenizer.json").write_bytes(whole[:1000])
+    second = ChatTokenizer.from_gguf(smollm2_gguf_path, cache_dir=cache_dir)
+    assert second.encode("cache check") == first.encode("cache check")
+    assert (cache_dir / "tokenizer.json").read_bytes() == whole

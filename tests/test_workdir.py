@@ -52,6 +52,15 @@ def test_stage_without_digests_still_reused(tmp_path):
     assert workdir.stage_done(stage_dir, {"seed": 0})
 
 
+@pytest.mark.parametrize("text", ["[]", '{"config": 5}', '{"config": {}, "files": []}', "{",
+                                  "\udcff"])
+def test_malformed_stage_record_is_one_error(tmp_path, text):
+    stage_dir = finished_stage(tmp_path)
+    (stage_dir / "stage.json").write_text(text, errors="surrogateescape")
+    with pytest.raises(workdir.WorkdirError, match="stage.json is unreadable.*delete .*targets"):
+        workdir.stage_done(stage_dir, {"seed": 0})
+
+
 def test_broken_jsonl_line_names_file(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"a": 1}\n{"a": \n')
