@@ -144,6 +144,13 @@ def main(argv) -> None:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"ckt_jax: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        # A read-only or full disk: the stages finished before it are kept and reused.
+        if os.environ.get("CKT_JAX_TRACEBACK"):
+            raise
+        print(f"ckt_jax: error: {err}; fix the path or free disk space, then run the same "
+              "command again (finished stages are reused)", file=sys.stderr)
+        sys.exit(1)
 
 
 def _config_path_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:

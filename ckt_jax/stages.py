@@ -745,7 +745,16 @@ def save_adapters(directory: pathlib.Path, adapter_params) -> None:
 
 
 def load_adapters(directory: pathlib.Path):
-    return ocp.StandardCheckpointer().restore(directory.resolve())
+    """Restore the adapters that `save_adapters` wrote; a damaged copy raises one ValueError."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no adapters in {directory}; run the stage that trains them")
+    try:
+        return ocp.StandardCheckpointer().restore(directory.resolve())
+    except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"adapters in {directory} are unreadable ({type(err).__name__}: "
+                         f"{first_line[:200]}); delete {directory.parent} and run its stage "
+                         "again") from err
 
 
 # --------------------------------------------------------------------------------------------

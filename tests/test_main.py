@@ -66,6 +66,25 @@ def test_cache_top_k_above_vocab_fails_early(tmp_path):
     assert not (workdir / "data").exists()
 
 
+def test_os_error_is_one_line(tmp_path):
+    # A read-only file system, as a run whose export directory is on one would meet it.
+    code = ("import errno, sys; from absl import app; import ckt_jax.main as m\n"
+            "def run(config, workdir):\n"
+            "    raise OSError(errno.EROFS, 'Read-only file system', '/mnt/ro/export')\n"
+            "m.run = run\n"
+            f"sys.argv = ['ckt_jax', '--config', 'configs/smoke.py', '--workdir', "
+            f"{str(tmp_path / 'w')!r}]\n"
+            "app.run(m.main, flags_parser=m.parse_flags)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ckt_jax: error:")]
+    assert lines == ["ckt_jax: error: [Errno 30] Read-only file system: '/mnt/ro/export'; fix "
+                     "the path or free disk space, then run the same command again (finished "
+                     "stages are reused)"]
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_config_file(tmp_path):
     result = run_main("--config", "configs/no_such.py", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "configs/no_such.py", "not found")

@@ -129,3 +129,24 @@ def test_evaluation_without_a_training_record_is_reused(tmp_path):
     record = {"eval": {"limit": 4}}
     workdir.mark_stage_done(tmp_path, record)
     assert stages._evaluation_current(tmp_path, record, "abc")
+
+
+@pytest.mark.parametrize("damage", ["truncate_data", "drop_metadata"])
+def test_damaged_adapters_name_the_stage(tmp_path, damage):
+    import numpy as np
+
+    from ckt_jax import stages
+
+    adapters = {"layers": {"q": {"lora_a": np.ones((2, 8, 4), np.float32)}}}
+    directory = tmp_path / "students" / "s" / "adapters"
+    stages.save_adapters(directory, adapters)
+    np.testing.assert_array_equal(stages.load_adapters(directory)["layers"]["q"]["lora_a"],
+                                  adapters["layers"]["q"]["lora_a"])
+    if damage == "truncate_data":
+        for path in (p for p in directory.rglob("*") if p.is_file() and p.parent.name == "d"):
+            path.write_bytes(path.read_bytes()[:10])
+    else:
+        (directory / "_METADATA").unlink()
+    with pytest.raises(ValueError, match=r"adapters in .*adapters are unreadable .*delete "
+                                         r".*students/s and run its stage again"):
+        stages.load_adapters(directory)
