@@ -204,15 +204,25 @@ class TrainCheckpoints:
         CheckpointMismatchError when one belongs to another run.
         """
         steps = self.steps_newest_first()
+        damaged = []
         for step in steps:
             try:
-                return self.restore(step, abstract_state)
+                restored = self.restore(step, abstract_state)
             except CheckpointMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise many types.
                 summary = str(err).splitlines()[0][:200] if str(err) else ""
                 logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
                                 self.directory / str(step), type(err).__name__, summary)
+                damaged.append(step)
+                continue
+            # Training goes on from `step` and saves the damaged steps again, which the
+            # manager refuses while they exist.
+            for bad in damaged:
+                logging.warning("removing damaged checkpoint %s", self.directory / str(bad))
+                self.manager.delete(bad)
+            self.last_saved_step = self.manager.latest_step()
+            return restored
         if not steps:
             return None
         raise CheckpointUnreadableError(

@@ -208,6 +208,16 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path):
         assert meta["step"] == 1
         np.testing.assert_array_equal(np.asarray(restored["adapter_params"]["w"]),
                                       np.arange(4.0) + 1)
+        # The damaged step is gone, so training from step 1 can save step 2 again.
+        assert not (tmp_path / "ckpt" / "2").exists()
+        assert ckpt.latest_step() == 1
+        ckpt.save(2, jax.tree.map(lambda x: x + 20, state), data_position=2)
+        ckpt.wait()
+        restored, meta = ckpt.restore_newest_readable(abstract)
+        assert meta["step"] == 2
+        np.testing.assert_array_equal(np.asarray(restored["adapter_params"]["w"]),
+                                      np.arange(4.0) + 20)
+        damage(2)
         damage(1)
         with pytest.raises(checkpoint.CheckpointUnreadableError, match="steps 2, 1 are damaged"):
             ckpt.restore_newest_readable(abstract)
