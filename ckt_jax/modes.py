@@ -89,7 +89,7 @@ def load_trained_model(ctx: stages.Context, name: str) -> TrainedModel:
     if is_peft_adapter_dir(teacher_dir):
         lora_config, adapters = load_peft_adapter(teacher_dir, ctx.base[0])
         return _with_adapters(ctx, name, adapters, lora_config, teacher_dir)
-    model_config, params = load_model(stages.resolve_model_spec(spec))
+    model_config, params = load_model(stages.resolve_model_spec(spec, "config.teacher"))
     return TrainedModel(name, model_config, to_device_tree(params), source=str(teacher_dir))
 
 

@@ -135,7 +135,7 @@ class ObjectiveConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is unknown; use one of "
                                  f"{', '.join(sorted(allowed))}")
-        for name in WEIGHTS:
+        for name in WEIGHTS + ("noise_alpha",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("temperature", "contrastive_temperature", "adversarial_epsilon",

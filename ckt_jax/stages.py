@@ -34,7 +34,7 @@ from ckt_jax.data import framing, refusals, templates, text_noise
 from ckt_jax.generate import greedy_generate
 from ckt_jax.loading import find_smollm2_gguf, load_model, model_vocab_size
 from ckt_jax.model import REMAT_POLICIES, Llama, LlamaConfig, LoraConfig
-from ckt_jax.objective import ObjectiveConfig, build_objective
+from ckt_jax.objective import WEIGHTS, ObjectiveConfig, build_objective
 from ckt_jax.refusal_detector import is_refusal, validate_against_human_labels
 from ckt_jax.tokenizer import ChatTokenizer
 from ckt_jax.train import Precision, to_device_tree
@@ -98,6 +98,15 @@ def _validate_values(config) -> None:
                          ("distill.label_noise", config.distill.get("label_noise", 0.0))):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"config.{field}={value} is outside [0, 1); use a share such as 0.2")
+    text_noise = config.distill.get("text_noise")
+    for field in ("typo_rate", "case_rate", "whitespace_rate"):
+        rate = text_noise.get(field, 0.0) if text_noise is not None else 0.0
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"config.distill.text_noise.{field}={rate} is outside [0, 1]; use "
+                             "a share such as 0.05")
+    if config.data.max_seq_len < 2:
+        raise ValueError(f"config.data.max_seq_len={config.data.max_seq_len} must be >= 2 (a "
+                         "prompt token and a reply token), for example 192")
     if not 0.0 <= config.data.wrapped_fraction <= 1.0:
         raise ValueError(f"config.data.wrapped_fraction={config.data.wrapped_fraction} is "
                          "outside [0, 1]")
@@ -159,6 +168,11 @@ def _validate_values(config) -> None:
         raise ValueError(f"config.train.peak_flops_per_device={train.peak_flops_per_device} must "
                          "be >= 0 (0 turns the MFU estimate off)")
     checkpoint.CheckpointOptions.from_config(config.checkpoint)
+    best_metric = config.checkpoint.best_metric
+    metrics = ["loss"] + [f"loss/{name[:-len('_weight')]}" for name in WEIGHTS]
+    if best_metric not in metrics:
+        raise ValueError(f"config.checkpoint.best_metric={best_metric!r} is not a training "
+                         f"metric; use one of {', '.join(metrics)}")
     distributed.validate_config(config.distributed)
     evaluation.validate_config(config)
     # The LoRA and objective settings are checked here too, so a typo fails at start-up and not
@@ -242,20 +256,29 @@ def check_model_settings(ctx: "Context", selected: tuple[str, ...] | list[str]) 
     Reads the model's metadata only, so a bad value fails in seconds, not after the stages
     before the one that uses it.
     """
+    if any(name in selected for name in ("targets", "teacher", "distill", "eval")):
+        resolve_model_spec(ctx.config.model)  # Raises an error that names config.model.
+    teacher = ctx.config.teacher
+    if teacher and any(name in selected for name in ("distill", "eval")):
+        path = pathlib.Path(teacher).expanduser()
+        if not path.exists():
+            resolve_model_spec(teacher, "config.teacher")
     cache = ctx.config.distill.get("teacher_cache")
     if "distill" in selected and cache is not None and cache.enabled:
         # The teacher shares the student's vocabulary (`teacher_params` checks it).
         _check_cache_top_k(cache.top_k, model_vocab_size(ctx.model_path))
 
 
-def resolve_model_spec(spec: str) -> pathlib.Path:
-    """Map the config's model name to a file or directory path."""
+def resolve_model_spec(spec: str, field: str = "config.model") -> pathlib.Path:
+    """Map the config's model name (in `field`) to a file or directory path."""
     if spec == "smollm2":
         return find_smollm2_gguf()
     path = pathlib.Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
-            f"model {spec!r} not found; pass 'smollm2', a .gguf file or a Hugging Face directory")
+        kinds = ("a teacher stage directory, a PEFT adapter directory, " if field ==
+                 "config.teacher" else "")
+        raise FileNotFoundError(f"{field}={spec!r} not found; pass 'smollm2', {kinds}a .gguf "
+                                "file or a Hugging Face directory")
     return path.resolve()
 
 
@@ -810,7 +833,7 @@ def teacher_params(ctx: Context):
             lora_config, adapters = peft_format.load_peft_adapter(path, ctx.base[0])
             full = lora.combine_params(to_device_tree(adapters), ctx.base[1])
             return lora.merge_lora(full, lora_config.scale)
-        teacher_config, params = load_model(resolve_model_spec(spec))
+        teacher_config, params = load_model(resolve_model_spec(spec, "config.teacher"))
         if teacher_config.vocab_size != ctx.base[0].vocab_size:
             raise ValueError(f"teacher {spec} has vocab_size={teacher_config.vocab_size}, the "
                              f"student {ctx.base[0].vocab_size}; distillation needs one vocabulary")
@@ -825,7 +848,7 @@ def teacher_model_config(ctx: Context) -> LlamaConfig:
     spec = ctx.config.teacher
     path = pathlib.Path(spec).expanduser()
     if spec and not (path / "stage.json").exists() and not peft_format.is_peft_adapter_dir(path):
-        return load_model(resolve_model_spec(spec))[0]
+        return load_model(resolve_model_spec(spec, "config.teacher"))[0]
     return ctx.base[0]
 
 
@@ -1160,6 +1183,9 @@ REPORT_COLUMNS = (("overall_safety_score",) + metrics.SAFETY_COMPONENTS
 
 def run_report(ctx: Context) -> dict:
     eval_dir = _eval_dir(ctx)
+    if not eval_dir.is_dir():
+        raise FileNotFoundError(f"no evaluation with these eval settings in {eval_dir}; run the "
+                                "'eval' stage first")
     models = {}
     # Base, teacher, then every student evaluated with these eval settings, this config's first.
     fixed = ("base", "teacher", ctx.student_name)

@@ -144,6 +144,13 @@ def test_invalid_train_settings(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("log_every=0", "config.log_every=0 must be >= 1"),
     ("distill.kd_weight=nan", "config.distill.kd_weight=nan is not a finite number"),
+    ("checkpoint.best_metric=accuracy", "config.checkpoint.best_metric='accuracy' is not a "
+                                        "training metric"),
+    ("distill.text_noise.typo_rate=2", "config.distill.text_noise.typo_rate=2.0 is outside"),
+    ("distill.noise_alpha=-1", "config.distill.noise_alpha=-1.0 must be >= 0"),
+    ("data.max_seq_len=0", "config.data.max_seq_len=0 must be >= 2"),
+    ("model=llama", "config.model='llama' not found"),
+    ("teacher=/no/such/teacher", "config.teacher='/no/such/teacher' not found"),
     ("distill.temperature=inf", "config.distill.temperature=inf is not a finite number"),
     ("eval.limit=-1", "config.eval.limit=-1 must be >= 0"),
     ("distill.learning_rate=-1", "config.distill.learning_rate=-1.0 must be > 0"),
@@ -156,6 +163,14 @@ def test_out_of_range_values(tmp_path, override, message):
     result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
                       f"--config.{override}")
     assert_one_line_error(result, message)
+    assert not (tmp_path / "w" / "data").exists()
+
+
+def test_report_without_evaluation(tmp_path):
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
+                      "--config.stages=report")
+    assert_one_line_error(result, "no evaluation with these eval settings in",
+                          "run the 'eval' stage first")
 
 
 @pytest.mark.parametrize("removal, message", [
