@@ -18,6 +18,7 @@ from absl import logging
 from flax import traverse_util
 
 from ckt_jax.hf_config import to_hf_config
+from ckt_jax.loading import write_safetensors
 from ckt_jax.lora import ADAPTER_LEAF_NAMES
 from ckt_jax.model import LlamaConfig
 from ckt_jax.tokenizer import ChatTokenizer
@@ -69,8 +70,6 @@ def hf_state_dict(config: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
 def _write_safetensors(directory: pathlib.Path, state: dict[str, np.ndarray],
                        max_shard_bytes: int) -> list[str]:
     """Write ``state`` as one file or as numbered shards with an index; return the file names."""
-    from safetensors.numpy import save_file
-
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
     for name, value in state.items():
@@ -81,13 +80,13 @@ def _write_safetensors(directory: pathlib.Path, state: dict[str, np.ndarray],
         shard_bytes += value.nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        write_safetensors(directory / "model.safetensors", shards[0], metadata)
         return ["model.safetensors"]
 
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(names, shards):
-        save_file(shard, str(directory / file_name), metadata=metadata)
+        write_safetensors(directory / file_name, shard, metadata)
         weight_map.update({tensor: file_name for tensor in shard})
     index = {"metadata": {"total_size": int(sum(v.nbytes for v in state.values()))},
              "weight_map": weight_map}

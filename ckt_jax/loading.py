@@ -225,6 +225,20 @@ def _read_safetensors_raw(path: pathlib.Path) -> dict:
     return arrays
 
 
+def write_safetensors(path: pathlib.Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write NumPy ``tensors`` to a safetensors file, readable as the umask allows.
+
+    safetensors creates the file with mode 0600; the other files of an export get the
+    process's default mode, so this one does too.
+    """
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def read_safetensors(path: pathlib.Path) -> dict:
     """Read every tensor of a safetensors file as a NumPy array (BF16 becomes float32)."""
     from safetensors.numpy import load_file

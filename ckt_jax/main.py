@@ -12,6 +12,7 @@ size.
 
 from __future__ import annotations
 
+import inspect
 import logging as std_logging
 import os
 import sys
@@ -35,7 +36,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints
 # Errors caused by input (config, files, work directory): printed as one line, no traceback.
 # Set CKT_JAX_TRACEBACK=1 to see the traceback anyway.
 INPUT_ERRORS = (workdir.WorkdirError, FileNotFoundError, FileExistsError, ValueError,
-                NotADirectoryError, PermissionError)
+                NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class _OwnInfoOnly(std_logging.Filter):
@@ -119,7 +120,7 @@ def main(argv) -> None:
         problem = f"unexpected arguments {argv[1:]}; use --config and --workdir"
     elif _CONFIG.value is None:
         problem = "--config is required, for example --config configs/smollm2_cpu.py"
-    elif not _WORKDIR.value:
+    elif not (_WORKDIR.value or "").strip():
         problem = "--workdir is required, for example --workdir runs/smollm2_cpu"
     if problem is not None:
         print(f"ckt_jax: error: {problem}", file=sys.stderr)
@@ -205,6 +206,11 @@ def check_config_args(argv: list[str]) -> str | None:
                 "for example configs/smollm2_cpu.py")
     try:
         module = config_files.load_module(path)
+        get_config = getattr(module, "get_config", None)
+        if (argument is not None and callable(get_config)
+                and not inspect.signature(get_config).parameters):
+            return (f"config file {path!r} takes no argument, but --config passes {argument!r}; "
+                    f"drop ':{argument}'")
         config = module.get_config() if argument is None else module.get_config(argument)
     except Exception as err:  # noqa: BLE001 - any failure in user code is reported the same way.
         return f"config file {path!r} failed to load: {type(err).__name__}: {err}"

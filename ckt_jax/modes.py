@@ -105,6 +105,9 @@ def _write(text: str) -> None:
 def read_prompts(path) -> list[str]:
     """Read one prompt per non-empty line of a UTF-8 text file."""
     path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"config.chat.prompts_file={str(path)!r} is a directory; pass a "
+                                "text file with one prompt per line, or '' to type prompts")
     if not path.is_file():
         raise FileNotFoundError(f"config.chat.prompts_file={str(path)!r} not found; pass a text "
                                 "file with one prompt per line, or '' to type prompts")
@@ -163,6 +166,11 @@ def run_chat(ctx: stages.Context) -> None:
             return
         if prompt == "/reset":
             session.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if prompt.startswith("/") and " " not in prompt:
+            print(f"unknown command {prompt}; type /reset to start over, /exit or Ctrl-D to "
+                  "quit", file=sys.stderr)
             continue
         if not prompt:
             continue
@@ -178,7 +186,10 @@ def run_chat(ctx: stages.Context) -> None:
 def _export_formats(cfg) -> list[str]:
     formats = [f.strip() for f in str(cfg.formats).split(",") if f.strip()]
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown or not formats:
+    if not formats:
+        raise ValueError(f"config.export.formats={cfg.formats!r} is empty; use a "
+                         f"comma-separated subset of {','.join(EXPORT_FORMATS)}")
+    if unknown:
         raise ValueError(f"config.export.formats={cfg.formats!r} names unknown formats "
                          f"{unknown}; use a comma-separated subset of {','.join(EXPORT_FORMATS)}")
     if cfg.hf_dtype not in HF_DTYPES:

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from ckt_jax.lora import ADAPTER_GROUPS
-from ckt_jax.loading import read_safetensors
+from ckt_jax.loading import read_safetensors, write_safetensors
 from ckt_jax.model import LORA_TARGETS, LlamaConfig, LoraConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -63,8 +63,6 @@ def export_peft_adapter(directory, adapter_params: dict, lora_config: LoraConfig
     ``adapter_params`` is the adapter tree of a LoRA ``Llama`` (``lora.split_params``); top-level
     groups that are not part of the model (the contrastive projection head) are skipped.
     """
-    from safetensors.numpy import save_file
-
     directory = pathlib.Path(directory)
     layers = adapter_params.get("layers")
     if layers is None:
@@ -117,7 +115,7 @@ def export_peft_adapter(directory, adapter_params: dict, lora_config: LoraConfig
     }
     directory.mkdir(parents=True, exist_ok=True)
     # transformers 5.25 writes the same metadata into the safetensors files it saves.
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True)
                                          + "\n")
     return directory

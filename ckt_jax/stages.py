@@ -104,6 +104,9 @@ def _validate_values(config) -> None:
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"config.distill.text_noise.{field}={rate} is outside [0, 1]; use "
                              "a share such as 0.05")
+    if config.data.max_benign_prompts < 0:
+        raise ValueError(f"config.data.max_benign_prompts={config.data.max_benign_prompts} must "
+                         "be >= 0 (0 uses every benign prompt)")
     if config.data.max_seq_len < 2:
         raise ValueError(f"config.data.max_seq_len={config.data.max_seq_len} must be >= 2 (a "
                          "prompt token and a reply token), for example 192")

@@ -20,7 +20,7 @@ def get_config() -> config_dict.ConfigDict:
     # for the base model, or the teacher directory of another ckt_jax work directory.
     c.teacher = ""
     c.student_name = "student"     # Name of the distilled student (its directory and report row).
-    c.mode = "stages"              # stages (run config.stages), chat or export.
+    c.mode = "stages"              # stages (run config.stages), chat, export or study.
     c.stages = "data,targets,teacher,distill,eval,report"  # comma-separated subset, run in this order.
     c.seed = 0                     # Root PRNG seed; every stage derives its own key from it.
     c.log_every = 5                # Steps between training log lines.
@@ -32,7 +32,7 @@ def get_config() -> config_dict.ConfigDict:
     c.data.instruction_frames = True        # Also train every prompt inside a format/style request.
     c.data.wrapped_fraction = 0.5           # Share of batches whose prompts are template-wrapped.
     c.data.harmful_fraction = 0.5           # Harmful share of a batch unless a section sets its own.
-    c.data.max_benign_prompts = 300         # Cap on benign training prompts (each needs a generated reply).
+    c.data.max_benign_prompts = 300         # Cap on benign training prompts, 0 = all (each needs a reply).
     # Seeded share of train_harmful kept out of training and evaluated as eval_heldout_harmful.
     c.data.heldout_fraction = 0.0
 

@@ -85,6 +85,19 @@ def test_os_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_argument_to_config_without_sizes():
+    from ckt_jax import main
+    problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py:full"])
+    assert problem == ("config file 'configs/smoke.py' takes no argument, but --config passes "
+                       "'full'; drop ':full'")
+
+
+def test_blank_workdir(tmp_path):
+    result = run_main("--config", "configs/smoke.py", "--workdir", " ")
+    assert_one_line_error(result, "--workdir is required")
+    assert not (ROOT / " ").exists()
+
+
 def test_missing_config_file(tmp_path):
     result = run_main("--config", "configs/no_such.py", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "configs/no_such.py", "not found")
@@ -150,6 +163,7 @@ def test_invalid_train_settings(tmp_path):
     ("distill.noise_alpha=-1", "config.distill.noise_alpha=-1.0 must be >= 0"),
     ("data.max_seq_len=0", "config.data.max_seq_len=0 must be >= 2"),
     ("model=llama", "config.model='llama' not found"),
+    ("data.max_benign_prompts=-1", "config.data.max_benign_prompts=-1 must be >= 0"),
     ("teacher=/no/such/teacher", "config.teacher='/no/such/teacher' not found"),
     ("distill.temperature=inf", "config.distill.temperature=inf is not a finite number"),
     ("eval.limit=-1", "config.eval.limit=-1 must be >= 0"),

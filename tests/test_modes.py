@@ -94,6 +94,11 @@ def test_export_writes_peft_and_hf(tiny_workdir, tmp_path):
     got_logits = Llama(model_config).apply({"params": exported}, ids_1xL).logits_BxLxV
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(expected_logits), atol=1e-5)
 
+    # Weights are as readable as the other files of the export (safetensors writes 0600).
+    modes_of = {path.stat().st_mode & 0o777 for path in (tmp_path / "out").rglob("*")
+                if path.is_file()}
+    assert len(modes_of) == 1, modes_of
+
     with pytest.raises(FileExistsError, match="is not empty"):
         main.run(config, str(work))
 
@@ -101,6 +106,7 @@ def test_export_writes_peft_and_hf(tiny_workdir, tmp_path):
 @pytest.mark.parametrize("changes, error, message", [
     ({"export.formats": "gguf"}, ValueError, "copies the tokenizer from the base GGUF file"),
     ({"export.formats": "onnx"}, ValueError, r"unknown formats \['onnx'\]"),
+    ({"export.formats": " , "}, ValueError, r"config.export.formats=' , ' is empty"),
     ({"export.model": "base", "export.formats": "peft"}, ValueError, "no LoRA adapters"),
     ({"export.model": "teacher", "export.formats": "hf"}, FileNotFoundError, "no teacher in"),
     ({"mode": "serve"}, ValueError, "config.mode='serve' is invalid"),
@@ -153,9 +159,14 @@ def test_chat_interactive_keeps_context(tiny_workdir, monkeypatch, capsys):
     config.mode = "chat"
     config.chat.model = "base"
     config.chat.max_new_tokens = 4
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n\nAgain\n/reset\nHello\n/exit\n"))
+    monkeypatch.setattr(sys, "stdin",
+                        io.StringIO("Hello\n\nAgain\n/rest\n/reset\nHello\n/exit\n"))
     main.run(config, str(work))
-    output = capsys.readouterr().out
+    captured = capsys.readouterr()
+    output = captured.out
+    # The misspelled command reaches the user as an error, not the model as a prompt.
+    assert "unknown command /rest" in captured.err
+    assert "(new conversation)" in captured.err
     replies = [line for line in output.split("assistant: ")[1:]]
     assert len(replies) == 3
     # After /reset, the same first message gets the same greedy reply.
@@ -244,3 +255,12 @@ def test_chat_answers_prompt_file_on_smollm2(smollm2_gguf_path, tmp_path):
     print(result.stdout)
     assert result.stdout.startswith(f"user: {PROMPTS[0]}\nassistant: ")
     assert "Paris" in result.stdout
+
+
+def test_chat_prompts_file_is_directory(tiny_workdir, tmp_path):
+    config, work, _ = tiny_workdir
+    config = config.copy_and_resolve_references()
+    config.mode = "chat"
+    config.chat.prompts_file = str(tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory; pass a text file"):
+        main.run(config, str(work))
