@@ -281,6 +281,12 @@ def test_builder_round_trip(tmp_path, splits, monkeypatch):
     with pytest.raises(ValueError, match="split train_harmful .* is unreadable.*delete"):
         builder.build_dataset(tmp_path)
 
+    # So does damaged metadata, which TFDS reads before any split.
+    next((tmp_path / "ckt_safety").rglob("dataset_info.json")).write_text("{")
+    with pytest.raises(ValueError, match="ckt_safety build under .* is unreadable "
+                                         r"\(ParseError.*delete .*ckt_safety to rebuild"):
+        builder.build_dataset(tmp_path)
+
 
 def test_load_split_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown split"):

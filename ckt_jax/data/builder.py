@@ -203,7 +203,14 @@ class CktSafety(tfds.core.GeneratorBasedBuilder):
 
 
 def _builder(data_dir: str | pathlib.Path) -> CktSafety:
-    return CktSafety(data_dir=str(data_dir), file_format="array_record")
+    try:
+        return CktSafety(data_dir=str(data_dir), file_format="array_record")
+    except Exception as err:  # noqa: BLE001 - TFDS raises parse and I/O errors of many types.
+        # TFDS reads dataset_info.json of an existing build here.
+        summary = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ValueError(f"the ckt_safety build under {data_dir} is unreadable "
+                         f"({type(err).__name__}: {summary}); delete "
+                         f"{pathlib.Path(data_dir) / 'ckt_safety'} to rebuild it") from None
 
 
 def build_dataset(data_dir: str | pathlib.Path) -> dict[str, int]:
