@@ -69,3 +69,34 @@ require_positive_int() {
     exit 2
   fi
 }
+
+# Exit with a one-line error unless the cluster launcher $1 got a config file of the repository
+# at $2 ($3, relative to it) and an absolute WORKDIR ($4), so mistakes fail here and not after
+# the job is queued. With a local .venv, the --config overrides (the rest) are checked too.
+check_cluster_args() {
+  local name="$1" root="$2" config="$3" workdir="$4"
+  shift 4
+  if [[ "$config" == /* ]] || [ ! -f "$root/$config" ]; then
+    echo "$name: config file $config not found in the repository; pass a path relative to" \
+      "its root, for example configs/smollm2_cpu.py" >&2
+    exit 2
+  fi
+  if [[ "$workdir" != /* ]]; then
+    echo "$name: WORKDIR $workdir is a relative path; pass an absolute path on a mount that" \
+      "every host shares, for example /mnt/shared/runs/a" >&2
+    exit 2
+  fi
+  if [ -x "$root/.venv/bin/python" ]; then
+    local problem status=0
+    problem="$(cd "$root" && .venv/bin/python -c 'import sys
+from ckt_jax.main import check_config_args
+problem = check_config_args(["launcher", "--config", *sys.argv[1:]])
+if problem:
+    print(problem)
+    sys.exit(2)' "$config" "$@" 2>/dev/null)" || status=$?
+    if [ "$status" -eq 2 ]; then
+      echo "$name: $problem" >&2
+      exit 2
+    fi
+  fi
+}

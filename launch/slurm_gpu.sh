@@ -53,6 +53,9 @@ if [ $# -lt 2 ]; then
 fi
 config="$1" workdir="$2"
 shift 2
+if [ -z "$in_job" ]; then
+  check_cluster_args slurm_gpu.sh "$root" "$config" "$workdir" "$@"
+fi
 
 job_commands() {
   run_command bash launch/setup.sh cuda12

@@ -38,6 +38,14 @@ if [ -z "$tpu" ] || [ -z "$zone" ] || [ $# -lt 2 ]; then
 fi
 config="$1" workdir="$2"
 shift 2
+check_cluster_args tpu_pod.sh "$root" "$config" "$workdir" "$@"
+# The workers get the committed tree (git HEAD), so the config must be committed as it is.
+if ! git -C "$root" ls-files --error-unmatch "$config" >/dev/null 2>&1 \
+    || ! git -C "$root" diff --quiet HEAD -- "$config"; then
+  echo "tpu_pod.sh: $config is not committed as it is, and the workers get the committed tree" \
+    "(git HEAD); commit it first" >&2
+  exit 2
+fi
 
 gcloud_flags=(--worker=all "--zone=$zone")
 if [ -n "$project" ]; then

@@ -69,11 +69,11 @@ def test_launcher_usage_errors():
 def test_dry_run_flag_anywhere():
     # A --dry-run after CONFIG WORKDIR must still only print, never launch.
     before = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "--dry-run", "configs/smoke.py",
-                     "runs/x", "--config.seed=1")
-    after = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "configs/smoke.py", "runs/x",
-                    "--config.seed=1", "--dry-run")
+                     "/mnt/shared/x", "--config.seed=1")
+    after = dry_run("tpu_pod.sh", "--tpu", "t", "--zone", "z", "configs/smoke.py",
+                    "/mnt/shared/x", "--config.seed=1", "--dry-run")
     assert after == before
-    assert dry_run("slurm_gpu.sh", "configs/smoke.py", "runs/x", "--dry-run")[0].startswith(
+    assert dry_run("slurm_gpu.sh", "configs/smoke.py", "/mnt/shared/x", "--dry-run")[0].startswith(
         "sbatch ")
     assert dry_run("local.sh", "configs/smoke.py", "runs/x", "--dry-run")[0] == (
         "bash launch/setup.sh")
@@ -91,3 +91,18 @@ def test_launcher_option_values_checked():
         assert result.returncode == 2, args
         assert message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cluster_launchers_check_arguments_locally():
+    # Each mistake fails on this machine, before anything is queued or copied.
+    cases = ((["configs/no_such.py", "/mnt/shared/x"], "config file configs/no_such.py not found"),
+             (["configs/smoke.py", "runs/x"], "WORKDIR runs/x is a relative path"),
+             (["configs/smoke.py", "/mnt/shared/x", "--config.distill.stepz=1"],
+              "unknown config field 'distill.stepz'"))
+    for script, options in (("slurm_gpu.sh", []), ("tpu_pod.sh", ["--tpu", "t", "--zone", "z"])):
+        for args, message in cases:
+            result = subprocess.run(["bash", f"launch/{script}", *options, "--dry-run", *args],
+                                    cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2, (script, args, result.stdout)
+            assert result.stderr.startswith(f"{script}: {message}"), (script, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
