@@ -12,6 +12,7 @@ size.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging as std_logging
 import os
@@ -133,6 +134,14 @@ def main(argv) -> None:
         # The log line already reaches stderr, so the message is not printed a second time.
         logging.warning("%s", stopped)
         sys.exit(stopped.exit_status)
+    except KeyboardInterrupt:
+        # A second Ctrl-C stops at once. os._exit skips the interpreter's teardown, which can
+        # crash while XLA's threads still run; a half-written checkpoint is removed on resume.
+        print("ckt_jax: stopped by Ctrl-C without saving; the same command resumes from the "
+              "last saved checkpoint", file=sys.stderr)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(130)
     except NonFiniteLossError as err:
         # The run itself failed, not its input: checkpoints up to the previous save are kept.
         if os.environ.get("CKT_JAX_TRACEBACK"):
@@ -221,10 +230,15 @@ def check_config_args(argv: list[str]) -> str | None:
         node = config
         for depth, part in enumerate(field.split(".")):
             if not hasattr(node, "keys") or part not in node:
-                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+                names = sorted(node.keys()) if hasattr(node, "keys") else []
                 where = ".".join(field.split(".")[:depth]) or "config"
+                close = difflib.get_close_matches(part, names, n=1)
+                if close:
+                    fixed = ".".join(field.split(".")[:depth] + close)
+                    return (f"unknown config field {field!r} (--config.{field}); did you mean "
+                            f"--config.{fixed}?")
                 return (f"unknown config field {field!r} (--config.{field}); fields of "
-                        f"{where}: {known}")
+                        f"{where}: {', '.join(names)}")
             node = node[part]
         problem = _value_problem(field, node, value)
         if problem is not None:

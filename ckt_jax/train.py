@@ -263,7 +263,7 @@ def train_loop(
                                   if k.startswith("loss"))
                 raise NonFiniteLossError(
                     f"{name}: non-finite loss at step {step} ({terms}); lower the learning rate or "
-                    "check the batch for empty reply masks")
+                    "the loss weights, or check the batch for empty reply masks")
             # The first step of a run includes compilation, so the rates start after it.
             throughput.update(first=step == start_step + 1, tokens=metrics["tokens"],
                               batch_shape=np.shape(batch["input_ids"]))

@@ -98,6 +98,21 @@ def test_blank_workdir(tmp_path):
     assert not (ROOT / " ").exists()
 
 
+def test_second_ctrl_c_is_one_line(tmp_path):
+    code = ("import sys; from absl import app; import ckt_jax.main as m\n"
+            "def run(config, workdir):\n"
+            "    raise KeyboardInterrupt\n"
+            "m.run = run\n"
+            f"sys.argv = ['ckt_jax', '--config', 'configs/smoke.py', '--workdir', "
+            f"{str(tmp_path / 'w')!r}]\n"
+            "app.run(m.main, flags_parser=m.parse_flags)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("ckt_jax: stopped by Ctrl-C")
+    assert "Traceback" not in result.stderr
+
+
 def test_missing_config_file(tmp_path):
     result = run_main("--config", "configs/no_such.py", "--workdir", str(tmp_path / "w"))
     assert_one_line_error(result, "configs/no_such.py", "not found")
