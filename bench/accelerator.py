@@ -105,10 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seq_len = 32 if args.tiny else 1024
     if args.steps is None:
         args.steps = 2 if args.tiny else 5
-    for option in ("seq_len", "steps", "warmup"):
-        if getattr(args, option) < 1:
+    # A row needs a prompt token and a reply token, as in bench/train_step.py.
+    for option, minimum in (("seq_len", 2), ("steps", 1), ("warmup", 1)):
+        if getattr(args, option) < minimum:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "
-                         "pass an integer >= 1")
+                         f"pass an integer >= {minimum}")
     for option in ("peak_tflops", "time_budget"):
         if not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "

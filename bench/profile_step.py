@@ -111,10 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                        ("--remats", args.remats, list(REMATS))):
             if value != default:
                 parser.error(f"{option} applies only to memory mode; add --memory")
-    for name in ("batch", "seq_len", "steps", "warmup", "top"):
-        if getattr(args, name) < 1:
+    # A row needs a prompt token and a reply token, as in bench/train_step.py.
+    for name, minimum in (("batch", 1), ("seq_len", 2), ("steps", 1), ("warmup", 1), ("top", 1)):
+        if getattr(args, name) < minimum:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; pass a "
-                         "number >= 1")
+                         f"number >= {minimum}")
     return args
 
 

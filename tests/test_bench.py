@@ -197,6 +197,7 @@ def test_profile_step_cache_k_above_vocabulary(subprocess_env):
     (["--teacher-cache", "8", "--hlo", "/tmp/x.hlo"], "--hlo applies only to time mode"),
     (["--remats", "none,most"], "unknown policies ['most']"),
     (["--steps", "0"], "--steps=0 is invalid"),
+    (["--seq-len", "1"], "--seq-len=1 is invalid; pass a number >= 2"),
 ])
 def test_profile_step_bad_options_one_line(subprocess_env, args, fragment):
     result = run_script(PROFILE_STEP, args, subprocess_env)
@@ -211,6 +212,7 @@ def test_profile_step_bad_options_one_line(subprocess_env, args, fragment):
     (["--peak-tflops", "0"], "--peak-tflops=0.0 is invalid"),
     (["--peak-tflops", "-5"], "--peak-tflops=-5.0 is invalid"),
     (["--time-budget", "0"], "--time-budget=0.0 is invalid"),
+    (["--seq-len", "1"], "--seq-len=1 is invalid; pass an integer >= 2"),
 ])
 def test_accelerator_bad_options_one_line(subprocess_env, tmp_path, args, fragment):
     blocking = tmp_path / "a_file"
