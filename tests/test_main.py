@@ -66,17 +66,23 @@ def test_cache_top_k_above_vocab_fails_early(tmp_path):
     assert not (workdir / "data").exists()
 
 
-def test_os_error_is_one_line(tmp_path):
-    # A read-only file system, as a run whose export directory is on one would meet it.
+def run_main_raising(exception: str, workdir):
+    """Run the entry point with its stages replaced by `raise <exception>`."""
     code = ("import errno, sys; from absl import app; import ckt_jax.main as m\n"
             "def run(config, workdir):\n"
-            "    raise OSError(errno.EROFS, 'Read-only file system', '/mnt/ro/export')\n"
+            f"    raise {exception}\n"
             "m.run = run\n"
             f"sys.argv = ['ckt_jax', '--config', 'configs/smoke.py', '--workdir', "
-            f"{str(tmp_path / 'w')!r}]\n"
+            f"{str(workdir)!r}]\n"
             "app.run(m.main, flags_parser=m.parse_flags)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_os_error_is_one_line(tmp_path):
+    # A read-only file system, as a run whose export directory is on one would meet it.
+    result = run_main_raising("OSError(errno.EROFS, 'Read-only file system', '/mnt/ro/export')",
+                              tmp_path / "w")
     assert result.returncode == 1, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("ckt_jax: error:")]
     assert lines == ["ckt_jax: error: [Errno 30] Read-only file system: '/mnt/ro/export'; fix "
@@ -99,15 +105,7 @@ def test_blank_workdir(tmp_path):
 
 
 def test_second_ctrl_c_is_one_line(tmp_path):
-    code = ("import sys; from absl import app; import ckt_jax.main as m\n"
-            "def run(config, workdir):\n"
-            "    raise KeyboardInterrupt\n"
-            "m.run = run\n"
-            f"sys.argv = ['ckt_jax', '--config', 'configs/smoke.py', '--workdir', "
-            f"{str(tmp_path / 'w')!r}]\n"
-            "app.run(m.main, flags_parser=m.parse_flags)\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    result = run_main_raising("KeyboardInterrupt", tmp_path / "w")
     assert result.returncode == 130, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("ckt_jax: stopped by Ctrl-C")
     assert "Traceback" not in result.stderr
