@@ -100,3 +100,21 @@ if problem:
     fi
   fi
 }
+
+# Print a SLURM time limit ($1: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS) in seconds.
+slurm_seconds() {
+  local value="$1" days=0 fields
+  if [[ "$value" == *-* ]]; then
+    days="${value%%-*}"
+    IFS=: read -ra fields <<< "${value#*-}"
+    echo $(( 10#$days * 86400 + 10#${fields[0]:-0} * 3600 + 10#${fields[1]:-0} * 60
+             + 10#${fields[2]:-0} ))
+    return
+  fi
+  IFS=: read -ra fields <<< "$value"
+  case ${#fields[@]} in
+    1) echo $(( 10#${fields[0]} * 60 )) ;;
+    2) echo $(( 10#${fields[0]} * 60 + 10#${fields[1]} )) ;;
+    *) echo $(( 10#${fields[0]} * 3600 + 10#${fields[1]} * 60 + 10#${fields[2]} )) ;;
+  esac
+}

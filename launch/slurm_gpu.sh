@@ -37,6 +37,11 @@ while [ $# -gt 0 ]; do
         echo "slurm_gpu.sh: --time must be a SLURM time such as 04:00:00 or 1-00:00:00," \
           "got '$time_limit'" >&2
         exit 2
+      fi
+      if [ "$(slurm_seconds "$time_limit")" -lt 600 ]; then
+        echo "slurm_gpu.sh: --time $time_limit is under 10 minutes, too short for set-up and" \
+          "a checkpoint before SLURM's SIGTERM 120 s ahead of the limit; pass 00:10:00 or more" >&2
+        exit 2
       fi ;;
     --partition) require_value slurm_gpu.sh gpu "$@"; partition="$2"; shift 2 ;;
     --account) require_value slurm_gpu.sh my-account "$@"; account="$2"; shift 2 ;;

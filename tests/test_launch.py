@@ -84,7 +84,10 @@ def test_launcher_option_values_checked():
              (["--nodes", "abc", "c", "w", "--dry-run"], "--nodes must be a positive integer"),
              (["--gpus-per-node", "0", "c", "w", "--dry-run"],
               "--gpus-per-node must be a positive integer"),
-             (["--time", "soon", "c", "w", "--dry-run"], "--time must be a SLURM time"))
+             (["--time", "soon", "c", "w", "--dry-run"], "--time must be a SLURM time"),
+             (["--time", "1:00", "c", "w", "--dry-run"], "--time 1:00 is under 10 minutes"),
+             (["--time", "0-00:09:59", "c", "w", "--dry-run"],
+              "--time 0-00:09:59 is under 10 minutes"))
     for args, message in cases:
         result = subprocess.run(["bash", "launch/slurm_gpu.sh", *args], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
