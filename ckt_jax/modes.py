@@ -9,7 +9,6 @@ adapters its stage saved, merged with the rank, alpha and targets recorded in th
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from ckt_jax import lora, stages
+from ckt_jax import lora, stages, workdir
 from ckt_jax.chat import ChatSession
 from ckt_jax.export import GGUF_TYPES, HF_DTYPES, export_gguf, export_hf_directory
 from ckt_jax.loading import load_model
@@ -49,7 +48,11 @@ def _recorded_lora_config(stage_dir: pathlib.Path, section: str) -> LoraConfig:
         stage = "teacher" if section == "teacher_train" else "distill"
         raise FileNotFoundError(f"{path} not found; run the {stage} stage into this work "
                                 "directory first")
-    record = json.loads(path.read_text())["config"][section]
+    record = workdir.read_stage_record(stage_dir)["config"].get(section)
+    if not isinstance(record, dict) or not {"lora_rank", "lora_alpha", "lora_targets"} <= set(
+            record):
+        raise workdir.WorkdirError(f"{path} records no LoRA settings under config.{section}; "
+                                   f"delete {stage_dir} to redo the stage")
     targets = tuple(t.strip() for t in str(record["lora_targets"]).split(",") if t.strip())
     return LoraConfig(rank=record["lora_rank"], alpha=record["lora_alpha"], targets=targets)
 

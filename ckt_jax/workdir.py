@@ -65,15 +65,8 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
     path = stage_dir / "stage.json"
     if not path.exists():
         return False
-    try:
-        content = json.loads(path.read_text())
-        if (not isinstance(content, dict) or not isinstance(content.get("config"), dict)
-                or not isinstance(content.get("files", {}), dict)):
-            raise ValueError("it is not an object with a 'config' object")
-        stored = content["config"]
-    except (ValueError, UnicodeDecodeError) as err:
-        raise WorkdirError(f"{path} is unreadable ({err}); delete {stage_dir} to redo the stage"
-                           ) from err
+    content = read_stage_record(stage_dir)
+    stored = content["config"]
     old, new = flatten_record(stored), flatten_record(json.loads(json.dumps(record)))
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
@@ -88,6 +81,21 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
             raise WorkdirError(f"{output} is missing or changed since its stage finished; "
                                f"delete {stage_dir} to redo the stage")
     return True
+
+
+def read_stage_record(stage_dir: pathlib.Path) -> dict:
+    """Return the `stage.json` of a finished stage; raise WorkdirError when it is malformed."""
+    path = stage_dir / "stage.json"
+    try:
+        content = json.loads(path.read_text())
+        if (not isinstance(content, dict) or not isinstance(content.get("config"), dict)
+                or not isinstance(content.get("files", {}), dict)
+                or not isinstance(content.get("summary", {}), dict)):
+            raise ValueError("it is not an object with a 'config' object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise WorkdirError(f"{path} is unreadable ({err}); delete {stage_dir} to redo the stage"
+                           ) from err
+    return content
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -118,7 +126,7 @@ def mark_stage_done(stage_dir: pathlib.Path, record: dict, summary: dict | None 
 
 
 def read_summary(stage_dir: pathlib.Path) -> dict:
-    return json.loads((stage_dir / "stage.json").read_text()).get("summary", {})
+    return read_stage_record(stage_dir).get("summary", {})
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:

@@ -8,6 +8,7 @@ in seconds. One test chats with the real SmolLM2 weights through the command lin
 import io
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -264,3 +265,19 @@ def test_chat_prompts_file_is_directory(tiny_workdir, tmp_path):
     config.chat.prompts_file = str(tmp_path)
     with pytest.raises(IsADirectoryError, match="is a directory; pass a text file"):
         main.run(config, str(work))
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"config": {}}', '{"config": {"distill": 3}}',
+                                  '{"conf'])
+def test_chat_malformed_stage_record(tiny_workdir, tmp_path, text):
+    config, work, _ = tiny_workdir
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    stage_json = copy / "students" / config.student_name / "stage.json"
+    stage_json.write_text(text)
+    config = config.copy_and_resolve_references()
+    config.mode = "chat"
+    config.chat.prompts_file = str(tmp_path / "prompts.txt")
+    (tmp_path / "prompts.txt").write_text("Hello\n")
+    with pytest.raises(workdir.WorkdirError, match=f"{stage_json}.*delete "):
+        main.run(config, str(copy))
