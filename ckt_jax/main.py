@@ -234,7 +234,7 @@ def check_config_args(argv: list[str]) -> str | None:
                 where = ".".join(field.split(".")[:depth]) or "config"
                 close = difflib.get_close_matches(part, names, n=1)
                 if close:
-                    fixed = ".".join(field.split(".")[:depth] + close)
+                    fixed = ".".join(field.split(".")[:depth] + close + field.split(".")[depth + 1:])
                     return (f"unknown config field {field!r} (--config.{field}); did you mean "
                             f"--config.{fixed}?")
                 return (f"unknown config field {field!r} (--config.{field}); fields of "

@@ -74,9 +74,14 @@ require_positive_int() {
 # at $2 ($3, relative to it) and an absolute WORKDIR ($4), so mistakes fail here and not after
 # the job is queued. With a local .venv, the --config overrides (the rest) are checked too.
 check_cluster_args() {
-  local name="$1" root="$2" config="$3" workdir="$4"
+  local name="$1" root="$2" config="$3" workdir="$4" file
   shift 4
-  if [[ "$config" == /* ]] || [ ! -f "$root/$config" ]; then
+  # FILE:ARGUMENT passes ARGUMENT to get_config, for example a study's size.
+  file="$config"
+  if [ ! -f "$root/$file" ] && [[ "$file" == *:* ]]; then
+    file="${file%:*}"
+  fi
+  if [[ "$file" == /* ]] || [ ! -f "$root/$file" ]; then
     echo "$name: config file $config not found in the repository; pass a path relative to" \
       "its root, for example configs/smollm2_cpu.py" >&2
     exit 2

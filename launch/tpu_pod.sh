@@ -39,12 +39,19 @@ fi
 config="$1" workdir="$2"
 shift 2
 check_cluster_args tpu_pod.sh "$root" "$config" "$workdir" "$@"
-# The workers get the committed tree (git HEAD), so the config must be committed as it is.
-if ! git -C "$root" ls-files --error-unmatch "$config" >/dev/null 2>&1 \
-    || ! git -C "$root" diff --quiet HEAD -- "$config"; then
-  echo "tpu_pod.sh: $config is not committed as it is, and the workers get the committed tree" \
+# The workers get the committed tree (git HEAD), so what this checkout runs must be committed.
+config_file="$config"
+if [ ! -f "$root/$config_file" ]; then
+  config_file="${config_file%:*}"
+fi
+if ! git -C "$root" ls-files --error-unmatch "$config_file" >/dev/null 2>&1; then
+  echo "tpu_pod.sh: $config_file is not committed, and the workers get the committed tree" \
     "(git HEAD); commit it first" >&2
   exit 2
+fi
+if ! git -C "$root" diff --quiet HEAD -- ckt_jax configs launch pyproject.toml; then
+  echo "tpu_pod.sh: warning: ckt_jax/, configs/, launch/ or pyproject.toml differ from git" \
+    "HEAD, and the workers run the committed version; commit the changes to run them" >&2
 fi
 
 gcloud_flags=(--worker=all "--zone=$zone")

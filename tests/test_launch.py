@@ -100,6 +100,8 @@ def test_cluster_launchers_check_arguments_locally():
     # Each mistake fails on this machine, before anything is queued or copied.
     cases = ((["configs/no_such.py", "/mnt/shared/x"], "config file configs/no_such.py not found"),
              (["configs/smoke.py", "runs/x"], "WORKDIR runs/x is a relative path"),
+             (["configs/smoke.py:full", "/mnt/shared/x"],
+              "config file 'configs/smoke.py' takes no argument"),
              (["configs/smoke.py", "/mnt/shared/x", "--config.distill.stepz=1"],
               "unknown config field 'distill.stepz'"))
     for script, options in (("slurm_gpu.sh", []), ("tpu_pod.sh", ["--tpu", "t", "--zone", "z"])):
@@ -109,3 +111,11 @@ def test_cluster_launchers_check_arguments_locally():
             assert result.returncode == 2, (script, args, result.stdout)
             assert result.stderr.startswith(f"{script}: {message}"), (script, result.stderr)
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_cluster_launchers_accept_a_config_argument():
+    # FILE:full selects a study's accelerator size, the size these launchers are for.
+    for script, options in (("slurm_gpu.sh", []), ("tpu_pod.sh", ["--tpu", "t", "--zone", "z"])):
+        lines = dry_run(script, *options, "--dry-run", "configs/studies/kd_weight.py:full",
+                        "/mnt/shared/x")
+        assert any("configs/studies/kd_weight.py:full" in line for line in lines), lines

@@ -91,6 +91,18 @@ def test_os_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("distill.stepz=3", "did you mean --config.distill.steps?"),
+    ("distll.steps=3", "did you mean --config.distill.steps?"),
+    ("distill.teacher_cach.top_k=8", "did you mean --config.distill.teacher_cache.top_k?"),
+])
+def test_misspelled_field_suggests_nearest(override, suggestion):
+    from ckt_jax import main
+    problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
+                                      f"--config.{override}"])
+    assert problem.endswith(suggestion), problem
+
+
 def test_argument_to_config_without_sizes():
     from ckt_jax import main
     problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py:full"])
