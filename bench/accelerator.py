@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "
                          f"pass an integer >= {minimum}")
     for option in ("peak_tflops", "time_budget"):
-        if not getattr(args, option) > 0:
+        if not 0 < getattr(args, option) < float("inf"):
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is invalid; "
                          "pass a number > 0")
     if args.json is None:

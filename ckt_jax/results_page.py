@@ -120,6 +120,12 @@ def main(argv=None) -> None:
     for root in args.workdir:
         if not root.is_dir():
             parser.error(f"--workdir {root} is not a directory; pass a finished work directory")
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a directory; pass a markdown file path")
+    blocking = next((parent for parent in args.out.parents if parent.is_file()), None)
+    if blocking is not None:
+        parser.error(f"--out {args.out} is under {blocking}, which is a file; pass a path under "
+                     "a directory")
     dropped = sorted(_page_workdirs(args.out) - {root.resolve().name for root in args.workdir})
     if dropped and not args.replace:
         parser.error(f"{args.out} shows the work directories {', '.join(dropped)}, which no "

@@ -256,7 +256,13 @@ def run_study(ctx: stages.Context) -> dict:
     config = ctx.config
     cells = study_cells(config)
     for cell in cells:
-        stages.validate_config(cell_config(config, cell))
+        # study_cells ran the config checks; these read the model's metadata too.
+        cell_ctx = stages.Context(config=cell_config(config, cell), root=ctx.root)
+        try:
+            stages.check_model_settings(cell_ctx, stages.STAGES)
+        except ValueError as err:
+            raise ValueError(f"config.study.grid={config.study.grid!r}, value {cell.name!r}: "
+                             f"{err}") from None
     study_dir = ctx.root / "studies" / config.study.name
     logging.info("study %s (%s size): %d cells %s", config.study.name, config.study.size,
                  len(cells), ",".join(c.name for c in cells))

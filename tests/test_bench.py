@@ -211,6 +211,7 @@ def test_profile_step_bad_options_one_line(subprocess_env, args, fragment):
     (["--json", "{file}/x.json"], "is a file, not a directory"),
     (["--peak-tflops", "0"], "--peak-tflops=0.0 is invalid"),
     (["--peak-tflops", "-5"], "--peak-tflops=-5.0 is invalid"),
+    (["--peak-tflops", "inf"], "--peak-tflops=inf is invalid"),
     (["--time-budget", "0"], "--time-budget=0.0 is invalid"),
     (["--seq-len", "1"], "--seq-len=1 is invalid; pass an integer >= 2"),
 ])

@@ -95,3 +95,17 @@ def test_page_keeps_unlisted_workdirs(tmp_path, capsys):
     results_page.main(["--workdir", str(smoke), "--out", str(page), "--replace"])
     assert "## `smoke`" in page.read_text()
     assert "## `studies`" not in page.read_text()
+
+
+def test_page_rejects_unusable_out(tmp_path, capsys):
+    work = tmp_path / "smoke"
+    work.mkdir()
+    make_report(work)
+    blocking = tmp_path / "a_file"
+    blocking.write_text("")
+    for out, message in ((tmp_path, "is a directory"),
+                         (blocking / "page.md", "which is a file")):
+        with pytest.raises(SystemExit) as stopped:
+            results_page.main(["--workdir", str(work), "--out", str(out)])
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err

@@ -303,3 +303,12 @@ def test_grid_value_must_pass_run_checks():
     with pytest.raises(ValueError, match="value 'nan': config.distill.kd_weight=nan is not a "
                                          "finite number"):
         studies.study_cells(config)
+
+
+def test_cell_top_k_checked_before_shared_stages(tmp_path):
+    config = load_study_config("teacher_cache")
+    config.study.grid = "top:100000"
+    with pytest.raises(ValueError, match="value 'top-100000': config.distill.teacher_cache.top_k"
+                                         "=100000 exceeds the vocabulary size"):
+        main.run(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "data").exists()
