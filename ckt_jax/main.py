@@ -33,6 +33,9 @@ from ckt_jax.train import NonFiniteLossError, TrainingStopped  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for data, checkpoints and the report.")
+_CHECK_ONLY = flags.DEFINE_bool(
+    "check_only", False, "Check the config and its overrides, then exit without touching "
+    "--workdir or reading model files (the cluster launchers run this before queueing).")
 
 # Errors caused by input (config, files, work directory): printed as one line, no traceback.
 # Set CKT_JAX_TRACEBACK=1 to see the traceback anyway.
@@ -67,7 +70,8 @@ SHARDED_STAGES = ("teacher", "distill")
 MODES = modes.MODES + ("study",)
 
 
-def run(config, workdir_path: str) -> None:
+def check(config) -> list[str]:
+    """Check `config` without touching a work directory or model file; return its stages."""
     mode = config.get("mode", "stages")
     if mode not in MODES:
         raise ValueError(f"config.mode={mode!r} is invalid; use one of {', '.join(MODES)}")
@@ -75,10 +79,15 @@ def run(config, workdir_path: str) -> None:
         if "study" not in config:
             raise ValueError("config.mode='study' needs a config.study section; use a config "
                              "from configs/studies/")
-        # Checked before the work directory is touched.
         studies.study_cells(config)
     selected = parse_stages(config.stages)
     stages.validate_config(config)
+    return selected
+
+
+def run(config, workdir_path: str) -> None:
+    mode = config.get("mode", "stages")
+    selected = check(config)
     distributed.initialize(config.distributed)
     if not distributed.is_primary():
         logging.set_verbosity(logging.WARNING)
@@ -129,6 +138,10 @@ def main(argv) -> None:
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     try:
+        if _CHECK_ONLY.value:
+            check(_CONFIG.value)
+            print("ckt_jax: config checked, no problems found", file=sys.stderr)
+            return
         run(_CONFIG.value, _WORKDIR.value)
     except TrainingStopped as stopped:
         # The log line already reaches stderr, so the message is not printed a second time.

@@ -72,7 +72,8 @@ require_positive_int() {
 
 # Exit with a one-line error unless the cluster launcher $1 got a config file of the repository
 # at $2 ($3, relative to it) and an absolute WORKDIR ($4), so mistakes fail here and not after
-# the job is queued. With a local .venv, the --config overrides (the rest) are checked too.
+# the job is queued. With a local .venv, `ckt_jax.main --check_only` checks the config and its
+# overrides (the rest) too, without reading model files, which may exist only on the cluster.
 check_cluster_args() {
   local name="$1" root="$2" config="$3" workdir="$4" file
   shift 4
@@ -92,15 +93,11 @@ check_cluster_args() {
     exit 2
   fi
   if [ -x "$root/.venv/bin/python" ]; then
-    local problem status=0
-    problem="$(cd "$root" && .venv/bin/python -c 'import sys
-from ckt_jax.main import check_config_args
-problem = check_config_args(["launcher", "--config", *sys.argv[1:]])
-if problem:
-    print(problem)
-    sys.exit(2)' "$config" "$@" 2>/dev/null)" || status=$?
+    local output status=0
+    output="$(cd "$root" && JAX_PLATFORMS=cpu .venv/bin/python -m ckt_jax.main \
+      --config "$config" --workdir "$workdir" --check_only "$@" 2>&1)" || status=$?
     if [ "$status" -eq 2 ]; then
-      echo "$name: $problem" >&2
+      echo "$name: $(printf '%s\n' "$output" | sed -n 's/^ckt_jax: error: //p' | tail -n 1)" >&2
       exit 2
     fi
   fi

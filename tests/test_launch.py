@@ -102,6 +102,9 @@ def test_cluster_launchers_check_arguments_locally():
              (["configs/smoke.py", "runs/x"], "WORKDIR runs/x is a relative path"),
              (["configs/smoke.py:full", "/mnt/shared/x"],
               "config file 'configs/smoke.py' takes no argument"),
+             (["configs/smoke.py", "/mnt/shared/x", "--config.distill.kd_weight=nan"],
+              "config.distill.kd_weight=nan is not a finite number"),
+             (["configs/smoke.py", "/mnt/shared/x", "stray"], "unexpected arguments ['stray']"),
              (["configs/smoke.py", "/mnt/shared/x", "--config.distill.stepz=1"],
               "unknown config field 'distill.stepz'"))
     for script, options in (("slurm_gpu.sh", []), ("tpu_pod.sh", ["--tpu", "t", "--zone", "z"])):

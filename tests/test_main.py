@@ -103,6 +103,19 @@ def test_misspelled_field_suggests_nearest(override, suggestion):
     assert problem.endswith(suggestion), problem
 
 
+def test_check_only_touches_nothing(tmp_path):
+    workdir = tmp_path / "w"
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir), "--check_only",
+                      "--config.model=/exists/only/on/the/cluster")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "config checked, no problems found" in result.stderr
+    assert not workdir.exists()
+    result = run_main("--config", "configs/smoke.py", "--workdir", str(workdir), "--check_only",
+                      "--config.distill.kd_weight=nan")
+    assert_one_line_error(result, "config.distill.kd_weight=nan is not a finite number")
+    assert not workdir.exists()
+
+
 def test_argument_to_config_without_sizes():
     from ckt_jax import main
     problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py:full"])
