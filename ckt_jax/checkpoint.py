@@ -211,9 +211,8 @@ class TrainCheckpoints:
             except CheckpointMismatchError:
                 raise
             except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise many types.
-                summary = str(err).splitlines()[0][:200] if str(err) else ""
-                logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one",
-                                self.directory / str(step), type(err).__name__, summary)
+                logging.warning("checkpoint %s is unreadable (%s); trying an older one",
+                                self.directory / str(step), workdir.error_summary(err))
                 damaged.append(step)
                 continue
             # Training goes on from `step` and saves the damaged steps again, which the

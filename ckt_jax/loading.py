@@ -226,10 +226,9 @@ def _read_safetensors_raw(path: pathlib.Path) -> dict:
 
 
 def write_safetensors(path: pathlib.Path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write NumPy ``tensors`` to a safetensors file, readable as the umask allows.
+    """Write NumPy ``tensors`` to a safetensors file with the process's default file mode.
 
-    safetensors creates the file with mode 0600; the other files of an export get the
-    process's default mode, so this one does too.
+    safetensors 0.x creates its files with mode 0600, unlike the other files of an export.
     """
     from safetensors.numpy import save_file
 

@@ -149,7 +149,7 @@ def main(argv) -> None:
         sys.exit(stopped.exit_status)
     except KeyboardInterrupt:
         # A second Ctrl-C stops at once. os._exit skips the interpreter's teardown, which can
-        # crash while XLA's threads still run; a half-written checkpoint is removed on resume.
+        # crash while XLA's threads still run. A resume removes any half-written checkpoint.
         print("ckt_jax: stopped by Ctrl-C without saving; the same command resumes from the "
               "last saved checkpoint", file=sys.stderr)
         sys.stderr.flush()
@@ -197,17 +197,16 @@ def _value_problem(field: str, current, value: str | None) -> str | None:
     if value is None:
         return None
     if isinstance(current, bool):
-        if value.lower() not in _BOOL_WORDS:
-            return (f"--config.{field}={value!r} is not a boolean; use True or False")
-        return None
-    kinds = ((int, "a whole number", int), (float, "a number", float))
-    for kind, words, parse in kinds:
-        if isinstance(current, kind):
-            try:
-                parse(value)
-            except ValueError:
-                return f"--config.{field}={value!r} is not {words}; use, for example, {current!r}"
+        if value.lower() in _BOOL_WORDS:
             return None
+        return f"--config.{field}={value!r} is not a boolean; use True or False"
+    if not isinstance(current, (int, float)):
+        return None
+    parse, words = (int, "a whole number") if isinstance(current, int) else (float, "a number")
+    try:
+        parse(value)
+    except ValueError:
+        return f"--config.{field}={value!r} is not {words}; use, for example, {current!r}"
     return None
 
 
@@ -247,7 +246,8 @@ def check_config_args(argv: list[str]) -> str | None:
                 where = ".".join(field.split(".")[:depth]) or "config"
                 close = difflib.get_close_matches(part, names, n=1)
                 if close:
-                    fixed = ".".join(field.split(".")[:depth] + close + field.split(".")[depth + 1:])
+                    parts = field.split(".")
+                    fixed = ".".join(parts[:depth] + close + parts[depth + 1:])
                     return (f"unknown config field {field!r} (--config.{field}); did you mean "
                             f"--config.{fixed}?")
                 return (f"unknown config field {field!r} (--config.{field}); fields of "

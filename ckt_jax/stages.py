@@ -777,10 +777,9 @@ def load_adapters(directory: pathlib.Path):
     try:
         return ocp.StandardCheckpointer().restore(directory.resolve())
     except Exception as err:  # noqa: BLE001 - orbax and tensorstore raise many kinds.
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"adapters in {directory} are unreadable ({type(err).__name__}: "
-                         f"{first_line[:200]}); delete {directory.parent} and run its stage "
-                         "again") from err
+        raise ValueError(f"adapters in {directory} are unreadable "
+                         f"({workdir.error_summary(err)}); delete {directory.parent} and run its "
+                         "stage again") from err
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ entry names the source in ``same_as``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -181,12 +182,19 @@ def study_cells(config) -> list[Cell]:
                          "value once")
     for cell in cells:
         # Each cell's config must pass the checks of a plain run, before any cell trains.
-        try:
+        with _naming_cell(config, cell):
             stages.validate_config(cell_config(config, cell))
-        except ValueError as err:
-            raise ValueError(f"config.study.grid={config.study.grid!r}, value {cell.name!r}: "
-                             f"{err}") from None
     return cells
+
+
+@contextlib.contextmanager
+def _naming_cell(config, cell: Cell):
+    """Prefix a ValueError raised inside with the grid value of `cell`."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"config.study.grid={config.study.grid!r}, value {cell.name!r}: "
+                         f"{err}") from None
 
 
 def _set_field(config, dotted: str, value) -> None:
@@ -258,11 +266,8 @@ def run_study(ctx: stages.Context) -> dict:
     for cell in cells:
         # study_cells ran the config checks; these read the model's metadata too.
         cell_ctx = stages.Context(config=cell_config(config, cell), root=ctx.root)
-        try:
+        with _naming_cell(config, cell):
             stages.check_model_settings(cell_ctx, stages.STAGES)
-        except ValueError as err:
-            raise ValueError(f"config.study.grid={config.study.grid!r}, value {cell.name!r}: "
-                             f"{err}") from None
     study_dir = ctx.root / "studies" / config.study.name
     logging.info("study %s (%s size): %d cells %s", config.study.name, config.study.size,
                  len(cells), ",".join(c.name for c in cells))

@@ -22,6 +22,8 @@ import tokenizers.decoders
 import tokenizers.models
 import tokenizers.pre_tokenizers
 
+from ckt_jax.workdir import error_summary
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_ROOT = pathlib.Path("~/.cache/ckt_jax/tokenizers")
@@ -130,7 +132,7 @@ class ChatTokenizer:
         except Exception as err:  # noqa: BLE001 - the tokenizers library raises plain Exception.
             # The cache holds only what the GGUF file rebuilds, so a damaged one is replaced.
             logger.warning("tokenizer cache %s is unreadable (%s); building it again",
-                           cache_dir, str(err).splitlines()[0] if str(err) else type(err).__name__)
+                           cache_dir, error_summary(err))
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 (cache_dir / name).unlink(missing_ok=True)
             if not any(cache_dir.iterdir()):

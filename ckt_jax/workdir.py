@@ -83,6 +83,13 @@ def stage_done(stage_dir: pathlib.Path, record: dict) -> bool:
     return True
 
 
+def error_summary(err: BaseException, limit: int = 200) -> str:
+    """Format `err` as its type and the first `limit` characters of its first line."""
+    text = str(err).strip()
+    first_line = text.splitlines()[0][:limit] if text else ""
+    return f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+
+
 def read_stage_record(stage_dir: pathlib.Path) -> dict:
     """Return the `stage.json` of a finished stage; raise WorkdirError when it is malformed."""
     path = stage_dir / "stage.json"

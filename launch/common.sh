@@ -70,18 +70,24 @@ require_positive_int() {
   fi
 }
 
-# Exit with a one-line error unless the cluster launcher $1 got a config file of the repository
-# at $2 ($3, relative to it) and an absolute WORKDIR ($4), so mistakes fail here and not after
-# the job is queued. With a local .venv, `ckt_jax.main --check_only` checks the config and its
-# overrides (the rest) too, without reading model files, which may exist only on the cluster.
+# Print the file of a --config value ($2) under the repository $1: FILE:ARGUMENT passes
+# ARGUMENT to get_config, for example a study's size.
+config_file_of() {
+  if [ ! -f "$1/$2" ] && [[ "$2" == *:* ]]; then
+    printf '%s\n' "${2%:*}"
+  else
+    printf '%s\n' "$2"
+  fi
+}
+
+# Exit with a one-line error unless the cluster launcher $1 got a config file in the repository
+# $2 ($3) and an absolute WORKDIR ($4), so that mistakes fail before the job is queued. With a
+# local .venv, `ckt_jax.main --check_only` also checks the config and its overrides (the rest).
+# It reads no model files, because those may exist only on the cluster.
 check_cluster_args() {
   local name="$1" root="$2" config="$3" workdir="$4" file
   shift 4
-  # FILE:ARGUMENT passes ARGUMENT to get_config, for example a study's size.
-  file="$config"
-  if [ ! -f "$root/$file" ] && [[ "$file" == *:* ]]; then
-    file="${file%:*}"
-  fi
+  file="$(config_file_of "$root" "$config")"
   if [[ "$file" == /* ]] || [ ! -f "$root/$file" ]; then
     echo "$name: config file $config not found in the repository; pass a path relative to" \
       "its root, for example configs/smollm2_cpu.py" >&2

@@ -40,10 +40,7 @@ config="$1" workdir="$2"
 shift 2
 check_cluster_args tpu_pod.sh "$root" "$config" "$workdir" "$@"
 # The workers get the committed tree (git HEAD), so what this checkout runs must be committed.
-config_file="$config"
-if [ ! -f "$root/$config_file" ]; then
-  config_file="${config_file%:*}"
-fi
+config_file="$(config_file_of "$root" "$config")"
 if ! git -C "$root" ls-files --error-unmatch "$config_file" >/dev/null 2>&1; then
   echo "tpu_pod.sh: $config_file is not committed, and the workers get the committed tree" \
     "(git HEAD); commit it first" >&2

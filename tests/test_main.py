@@ -34,26 +34,33 @@ def test_unknown_config_field(tmp_path):
     assert_one_line_error(result, "distill.stepz", "steps")
 
 
+def override_problem(override: str) -> str | None:
+    from ckt_jax import main
+    return main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
+                                   f"--config.{override}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("distill.steps=abc", "--config.distill.steps='abc' is not a whole number"),
     ("distill.steps=2.5", "--config.distill.steps='2.5' is not a whole number"),
     ("distill.temperature=hot", "--config.distill.temperature='hot' is not a number"),
     ("train.scan_layers=maybe", "--config.train.scan_layers='maybe' is not a boolean"),
+    # A misspelled field gets the nearest whole flag.
+    ("distill.stepz=3", "did you mean --config.distill.steps?"),
+    ("distll.steps=3", "did you mean --config.distill.steps?"),
+    ("distill.teacher_cach.top_k=8", "did you mean --config.distill.teacher_cache.top_k?"),
 ])
-def test_override_of_wrong_type(override, message):
-    from ckt_jax import main
-    problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
-                                      f"--config.{override}"])
-    assert problem is not None and problem.startswith(message), problem
+def test_override_problem_message(override, message):
+    problem = override_problem(override)
+    assert problem is not None
+    assert message in problem
 
 
 @pytest.mark.parametrize("override", ["distill.steps=7", "distill.temperature=2",
                                       "distill.temperature=1e-1", "train.scan_layers=False",
                                       "train.scan_layers=1", "train.scan_layers"])
 def test_override_of_right_type(override):
-    from ckt_jax import main
-    assert main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
-                                   f"--config.{override}"]) is None
+    assert override_problem(override) is None
 
 
 def test_cache_top_k_above_vocab_fails_early(tmp_path):
@@ -89,18 +96,6 @@ def test_os_error_is_one_line(tmp_path):
                      "the path or free disk space, then run the same command again (finished "
                      "stages are reused)"]
     assert "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("override, suggestion", [
-    ("distill.stepz=3", "did you mean --config.distill.steps?"),
-    ("distll.steps=3", "did you mean --config.distill.steps?"),
-    ("distill.teacher_cach.top_k=8", "did you mean --config.distill.teacher_cache.top_k?"),
-])
-def test_misspelled_field_suggests_nearest(override, suggestion):
-    from ckt_jax import main
-    problem = main.check_config_args(["ckt_jax", "--config", "configs/smoke.py",
-                                      f"--config.{override}"])
-    assert problem.endswith(suggestion), problem
 
 
 def test_check_only_touches_nothing(tmp_path):

@@ -305,7 +305,7 @@ def test_grid_value_must_pass_run_checks():
         studies.study_cells(config)
 
 
-def test_cell_top_k_checked_before_shared_stages(tmp_path):
+def test_cell_top_k_checked_early(tmp_path):
     config = load_study_config("teacher_cache")
     config.study.grid = "top:100000"
     with pytest.raises(ValueError, match="value 'top-100000': config.distill.teacher_cache.top_k"

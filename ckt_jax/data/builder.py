@@ -30,6 +30,7 @@ import re
 import tensorflow_datasets as tfds
 
 from ckt_jax.data import sources, templates
+from ckt_jax.workdir import error_summary
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +208,8 @@ def _builder(data_dir: str | pathlib.Path) -> CktSafety:
         return CktSafety(data_dir=str(data_dir), file_format="array_record")
     except Exception as err:  # noqa: BLE001 - TFDS raises parse and I/O errors of many types.
         # TFDS reads dataset_info.json of an existing build here.
-        summary = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise ValueError(f"the ckt_safety build under {data_dir} is unreadable "
-                         f"({type(err).__name__}: {summary}); delete "
+                         f"({error_summary(err)}); delete "
                          f"{pathlib.Path(data_dir) / 'ckt_safety'} to rebuild it") from None
 
 
@@ -269,7 +269,6 @@ def load_split(data_dir: str | pathlib.Path, name: str) -> list[dict]:
         return [{field: _to_str(example[field]) for field in FIELDS}
                 for example in (source[index] for index in range(len(source)))]
     except Exception as err:  # noqa: BLE001 - array_record and TFDS raise many types.
-        summary = str(err).splitlines()[0][:200] if str(err) else ""
-        raise ValueError(f"split {name} under {data_dir} is unreadable ({type(err).__name__}: "
-                         f"{summary}); delete {pathlib.Path(data_dir) / 'ckt_safety'} to rebuild "
+        raise ValueError(f"split {name} under {data_dir} is unreadable ({error_summary(err)}); "
+                         f"delete {pathlib.Path(data_dir) / 'ckt_safety'} to rebuild "
                          "it") from None
